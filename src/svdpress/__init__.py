@@ -1,0 +1,42 @@
+"""svdpress: compress causal LMs by (data-aware) low-rank factorization, and measure what it cost.
+
+Public API:
+    model, report = svdpress.compress("default", svdpress.CompressConfig(ratio=0.8))
+    model = svdpress.load("out/smol80")
+    results = svdpress.evaluate(model_or_dir, svdpress.EvalConfig(ppl=("wiki",)))
+"""
+
+__version__ = "0.1.0"
+
+from .config import CompressConfig, EvalConfig  # noqa: E402
+from .errors import SvdpressError  # noqa: E402
+
+
+def compress(model_or_id=None, config=None, tokenizer=None, **overrides):
+    """Compress a model; see `svdpress.pipeline.compress`."""
+    from .pipeline import compress as _compress
+
+    return _compress(model_or_id, config, tokenizer=tokenizer, **overrides)
+
+
+def load(path: str, dtype: str = "float32", device: str = "cpu"):
+    """Load a compressed (or any) model directory; returns (model, tokenizer)."""
+    from .config import torch_dtype
+    from .models import load_model
+
+    model, tokenizer, _ = load_model(path, torch_dtype(dtype), device)
+    return model, tokenizer
+
+
+def evaluate(model_or_path, config=None, tokenizer=None, device: str = "auto"):
+    """Evaluate a model (loaded, or a path/id) with an EvalConfig; returns a dict of results."""
+    from .config import resolve_device
+    from .pipeline import evaluate_model
+
+    config = config or EvalConfig()
+    if isinstance(model_or_path, str):
+        model_or_path, tokenizer = load(model_or_path)
+    return evaluate_model(model_or_path, tokenizer, config, resolve_device(device))
+
+
+__all__ = ["CompressConfig", "EvalConfig", "SvdpressError", "compress", "load", "evaluate", "__version__"]

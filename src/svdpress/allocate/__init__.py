@@ -1,0 +1,80 @@
+"""Rank allocation: choose every layer's rank so the whole model meets one parameter target.
+
+Every allocator takes an `AllocationProblem` and returns an `Allocation` ({layer: rank or None = dense}, plus
+what it wants recorded). Methods register by name: `ALLOCATORS["uniform"]`. The budget is checked here, once,
+with the same counting function that reports use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import SvdpressError
+from ..factorize import LayerSpectrum
+from ..params import LayerShape, count_params, dense_count, is_dense
+from ..registry import Registry
+
+
+@dataclass
+class AllocationProblem:
+    shapes: dict[str, LayerShape]  # target layers, in model order
+    spectra: dict[str, LayerSpectrum]
+    ratio: float  # kept / dense parameters of the target layers
+    rank_multiple: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (--opt key=value)
+    model: Optional[nn.Module] = None  # the dense model, for end-to-end methods
+    samples: Optional[torch.Tensor] = None  # calibration tokens (n, L)
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def dense(self) -> int:
+        return dense_count(self.shapes)
+
+    @property
+    def target(self) -> int:
+        """Parameter budget of the target layers: floor(ratio · dense)."""
+        return int(self.ratio * self.dense)
+
+
+@dataclass
+class Allocation:
+    ranks: dict[str, Optional[int]]  # None = kept dense
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific record for the manifest
+
+
+ALLOCATORS: Registry[Callable[[AllocationProblem], Allocation]] = Registry("allocation", __name__)
+
+
+def round_down(r: float, multiple: int) -> int:
+    return int(r // multiple * multiple)
+
+
+def normalize(shapes: Mapping[str, LayerShape], ranks: Mapping[str, Optional[int]]) -> dict[str, Optional[int]]:
+    """Ranks at or past break-even become None (dense); every target layer gets an entry."""
+    out: dict[str, Optional[int]] = {}
+    for name, s in shapes.items():
+        r = ranks.get(name)
+        out[name] = None if is_dense(s, r) else max(1, int(r))
+    return out
+
+
+def allocate(problem: AllocationProblem, method: str) -> Allocation:
+    """Run an allocator and check that it met the budget (never above it)."""
+    result = ALLOCATORS[method](problem)
+    result.ranks = normalize(problem.shapes, result.ranks)
+    kept = count_params(problem.shapes, result.ranks)
+    if kept > problem.target and problem.ratio < 1:
+        raise RuntimeError(f"allocator {method!r} exceeded the budget: {kept} > {problem.target} parameters")
+    return result
+
+
+def check_ratio(ratio: float) -> float:
+    if not (0 < ratio <= 1):
+        raise SvdpressError(f"--ratio must be in (0, 1] (kept fraction of the linear-layer parameters); got {ratio}")
+    return ratio

@@ -1,0 +1,237 @@
+"""`svdpress compress | eval` (and more): argument parsing only; the work is in the library.
+
+Every user error ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import SvdpressError
+
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def subcommand(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    def deco(run: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = (add_args, run)
+        return run
+    return deco
+
+
+def csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def parse_opts(pairs: list[str]) -> dict[str, Any]:
+    """--opt key=value pairs; values are parsed as JSON when they can be (numbers, lists, booleans)."""
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SvdpressError(f"--opt expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def add_eval_args(p: argparse.ArgumentParser, ppl_default: Optional[str] = "wiki") -> None:
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model maximum)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="fast subset: tokens per perplexity text and examples per zero-shot task")
+    p.add_argument("--ppl-limit", type=int, default=None, help="tokens per perplexity text (overrides --limit)")
+    p.add_argument("--task-limit", type=int, default=None, help="examples per task (overrides --limit)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
+
+
+def eval_config(a: argparse.Namespace, ppl: tuple[str, ...], tasks: tuple[str, ...]):
+    from .config import EvalConfig
+
+    for n in ("seqlen", "batch_size"):
+        if getattr(a, n) < 1:
+            raise SvdpressError(f"--{n.replace('_', '-')} must be ≥ 1")
+    ppl_limit = a.ppl_limit if a.ppl_limit is not None else a.limit
+    task_limit = a.task_limit if a.task_limit is not None else a.limit
+    return EvalConfig(ppl=ppl, seqlen=a.seqlen, limit=ppl_limit, tasks=tasks, task_limit=task_limit,
+                      batch_size=a.batch_size, seed=getattr(a, "seed", 0))
+
+
+def split_eval(spec: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--eval ppl,piqa → perplexity on the default text plus tasks; 'ppl:c4' names the text."""
+    ppl, tasks = [], []
+    for s in spec:
+        if s == "ppl":
+            ppl.append("wiki")
+        elif s.startswith("ppl:"):
+            ppl.append(s[4:])
+        else:
+            tasks.append(s)
+    return tuple(ppl), tuple(tasks)
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    from .config import CompressConfig
+
+    d = CompressConfig()
+    p.add_argument("--model", default=d.model, help="hub id, local dir, .gguf file, or 'default' (SmolLM2-135M)")
+    p.add_argument("--factorize", default=d.factorize, help="factorization method (svdpress methods lists them)")
+    p.add_argument("--allocate", default=d.allocate, help="rank allocation method")
+    p.add_argument("--ratio", type=float, default=d.ratio,
+                   help="kept fraction of the decoder linear layers' parameters, in (0, 1]")
+    p.add_argument("--calib", default=d.calib, help="calibration text: wiki, c4, tiny, code or a file (first half)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples)
+    p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
+    p.add_argument("--calib-batch-size", type=int, default=d.calib_batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--rank-multiple", type=int, default=d.rank_multiple)
+    p.add_argument("--pivga", action="store_true", help="lossless gauge-fixed second compression (r² per layer)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
+    p.add_argument("--stats-cache", default=None, help="directory caching calibration statistics")
+    p.add_argument("--out", default=None, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval", type=csv, default=(), help="evaluate after compressing: ppl[,ppl:c4][,piqa,...]")
+    p.add_argument("--no-progress", action="store_true")
+    add_eval_args(p)
+
+
+@subcommand("compress", _compress_args)
+def _compress(a: argparse.Namespace) -> int:
+    from .config import CompressConfig
+    from .pipeline import compress
+
+    ppl, tasks = split_eval(a.eval)
+    cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=a.allocate, ratio=a.ratio, calib=a.calib,
+                         calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
+                         calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
+                         pivga=a.pivga, device=a.device, dtype=a.dtype, options=parse_opts(a.opt),
+                         stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+                         eval=eval_config(a, ppl, tasks) if a.eval else None)
+    cfg.validate()
+    if a.out and Path(a.out).exists() and any(Path(a.out).iterdir()) and not a.overwrite:
+        raise SvdpressError(f"output directory {a.out} exists and is not empty; pass --overwrite to replace it")
+    _, report = compress(None, cfg)
+    print(summarize_compression(report))
+    if a.out:
+        print(f"\nsaved to {a.out}")
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, report)
+    return 0
+
+
+def summarize_compression(r: dict) -> str:
+    from .table import table
+
+    p = r["params"]
+    rows = [
+        ["model", r["model"]["source"]],
+        ["method", f"{r['factorize']} + {r['allocate']}" + (" + pivga" if r.get("pivga") else "")],
+        ["calibration", f"{r['calibration']['text']}, {r['calibration']['samples']}x{r['calibration']['seqlen']}"],
+        ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}, "
+                          f"target {r['ratio']['target']})"],
+        ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f})"],
+        ["layers factored", f"{sum(1 for x in r['layers'].values() if x['rank'] is not None)} / {len(r['layers'])}"],
+        ["time (s)", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())],
+    ]
+    ev = r.get("eval") or {}
+    for name, res in (ev.get("ppl") or {}).items():
+        rows.append([f"ppl {name}", f"{res['ppl']:.3f} ({res['tokens']} tokens of {res['part']}, seqlen {res['seqlen']})"])
+    for name, res in (ev.get("tasks") or {}).items():
+        rows.append([f"{name}", ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))])
+    return table(rows, ["", "summary"])
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="'default', a hub id, a model directory (compressed or not) or a .gguf file")
+    p.add_argument("--ppl", type=csv, default=None, help="texts to score, e.g. wiki,c4 (default wiki unless --tasks)")
+    p.add_argument("--tasks", type=csv, default=(), help="zero-shot tasks, e.g. piqa,hellaswag")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    add_eval_args(p)
+
+
+@subcommand("eval", _eval_args)
+def _eval(a: argparse.Namespace) -> int:
+    from .config import resolve_device, torch_dtype
+    from .models import load_model
+    from .pipeline import evaluate_model
+    from .table import table
+
+    ppl = a.ppl if a.ppl is not None else (() if a.tasks else ("wiki",))
+    cfg = eval_config(a, ppl, a.tasks)
+    device = resolve_device(a.device)
+    model, tok, src = load_model(a.target, torch_dtype(a.dtype), "cpu")
+    res = evaluate_model(model, tok, cfg, device, not a.no_progress)
+    res["model"] = a.target
+    rows = [[f"ppl {n}", r["ppl"], r["tokens"], r["seqlen"], r["part"]] for n, r in res["ppl"].items()]
+    if rows:
+        print(table(rows, ["metric", "value", "tokens", "seqlen", "text part"]))
+    if res.get("tasks"):
+        from .evaluate.zeroshot import tasks_table
+
+        print(tasks_table(res["tasks"]))
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, res)
+    return 0
+
+
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@subcommand("methods", _methods_args)
+def _methods(a: argparse.Namespace) -> int:
+    from .allocate import ALLOCATORS
+    from .factorize import FACTORIZERS
+
+    print("factorize:", ", ".join(FACTORIZERS.names()))
+    print("allocate: ", ", ".join(ALLOCATORS.names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    for mod in ("svdpress.cli_extra",):  # subcommands contributed by other capabilities, if present
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    parser = argparse.ArgumentParser(prog="svdpress", description="Low-rank (SVD) compression of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, run) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name)
+        add_args(sp)
+        sp.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SvdpressError as e:
+        print(f"svdpress: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("svdpress: interrupted (no output was left half-written)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Configuration dataclasses: the one place where defaults live. The CLI and the Python API both fill these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .errors import SvdpressError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EvalConfig:
+    ppl: tuple[str, ...] = ("wiki",)  # texts whose held-out half is scored
+    seqlen: int = 2048  # window length (capped at the model's maximum)
+    limit: Optional[int] = None  # tokens of each text to score (None = the whole held-out half)
+    tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-evaluation-harness)
+    task_limit: Optional[int] = None  # examples per task
+    batch_size: int = 1
+    seed: int = 0
+
+
+@dataclass
+class CompressConfig:
+    model: str = "default"  # hub id, local dir, .gguf file, or "default" (SmolLM2-135M-Instruct)
+    factorize: str = "svd-llm"
+    allocate: str = "uniform"
+    ratio: float = 0.8  # kept / dense parameters of the decoder blocks' linear layers
+    calib: str = "wiki"  # named text or local file; its first half is used
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    calib_batch_size: int = 8
+    seed: int = 0
+    rank_multiple: int = 1
+    pivga: bool = False
+    device: str = "auto"  # "auto" = cuda if available
+    dtype: str = "float32"  # dtype the model is loaded in and the factors are saved in
+    options: dict[str, Any] = field(default_factory=dict)  # method settings, e.g. {"steps": 200}
+    stats_cache: Optional[str] = None
+    out: Optional[str] = None
+    overwrite: bool = False
+    progress: bool = True
+    eval: Optional[EvalConfig] = None
+
+    def validate(self) -> "CompressConfig":
+        from .allocate import ALLOCATORS, check_ratio
+        from .factorize import FACTORIZERS
+
+        check_ratio(self.ratio)
+        FACTORIZERS[self.factorize]  # raises a clear error for an unknown name
+        ALLOCATORS[self.allocate]
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise SvdpressError("--calib-samples must be ≥ 1 and --calib-seqlen ≥ 2")
+        if self.rank_multiple < 1:
+            raise SvdpressError("--rank-multiple must be ≥ 1")
+        torch_dtype(self.dtype)
+        return self
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SvdpressError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SvdpressError(f"device {device!r} requested but CUDA is not available")
+    return device

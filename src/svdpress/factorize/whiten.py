@@ -1,0 +1,64 @@
+"""Whitening of input statistics C = X·Xᵀ: C = S·Sᵀ, computed once per shared input and cached on it.
+
+Cholesky first (SVD-LLM). If C is not positive definite (too few tokens, dead channels), retry with a
+growing diagonal jitter, and finally fall back to an eigen-decomposition with clamped eigenvalues. What happened
+is returned as a note, which ends up in the manifest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibrate import InputStats
+
+JITTERS = (1e-8, 1e-6, 1e-4, 1e-2)  # relative to mean(diag C)
+EIG_FLOOR = 1e-8  # eigenvalues clamped to EIG_FLOOR · λ_max
+
+
+class Whitener:
+    """S with C ≈ S·Sᵀ, and x ↦ x·S⁻¹ for un-whitening the right factor."""
+
+    def __init__(self, S: torch.Tensor, triangular: bool, note: str) -> None:
+        self.S, self.triangular, self.note = S, triangular, note
+
+    def undo(self, Vh: torch.Tensor) -> torch.Tensor:
+        """Vh·S⁻¹, by a (triangular) solve rather than an explicit inverse: (S⁻ᵀ Vhᵀ)ᵀ."""
+        if self.triangular:
+            return torch.linalg.solve_triangular(self.S.T, Vh.T, upper=True).T
+        return torch.linalg.solve(self.S.T, Vh.T).T
+
+
+def _symmetric(C: torch.Tensor) -> torch.Tensor:
+    return (C + C.T) / 2
+
+
+def cholesky(C: torch.Tensor) -> Whitener:
+    C = _symmetric(C.double())
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) == 0:
+        return Whitener(L, True, "")
+    scale = C.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    for eps in JITTERS:
+        L, info = torch.linalg.cholesky_ex(C + eps * scale * eye)
+        if int(info) == 0:
+            return Whitener(L, True, f"cholesky jitter {eps:g}*mean(diag)")
+    return eigen(C, note="cholesky failed; eigen fallback")
+
+
+def eigen(C: torch.Tensor, note: str = "") -> Whitener:
+    """C = Q Λ Qᵀ ⇒ S = Q Λ^½ (SVD-LLM v2 style); small eigenvalues are clamped so S stays invertible."""
+    C = _symmetric(C.double())
+    lam, Q = torch.linalg.eigh(C)
+    floor = EIG_FLOOR * lam.max().clamp_min(1e-30)
+    clamped = int((lam < floor).sum())
+    S = Q * lam.clamp_min(floor).sqrt()
+    extra = f"{clamped} eigenvalues clamped" if clamped else ""
+    return Whitener(S, False, "; ".join(x for x in (note, extra) if x))
+
+
+def whitener(stats: InputStats, kind: str = "cholesky") -> Whitener:
+    """The whitener of a shared input, computed once for all layers that read it (q/k/v, gate/up)."""
+    if kind not in stats._cache:
+        stats._cache[kind] = {"cholesky": cholesky, "eigen": eigen}[kind](stats.xtx)
+    return stats._cache[kind]
