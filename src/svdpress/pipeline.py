@@ -187,10 +187,15 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     report["timings_s"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
                            "total": round(time.perf_counter() - t0, 2)}
     if cfg.out:
+        import json
+
+        from .allocate.record import plot_ranks, ranks_document
         from .export import save
 
         with timer("export"):
-            save(model, tokenizer, cfg.out, report, overwrite=cfg.overwrite)
+            doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio)
+            extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
+            save(model, tokenizer, cfg.out, report, overwrite=cfg.overwrite, extra_files=extra)
         report["timings_s"]["export"] = round(timer.seconds["export"], 2)
     return model, report
 

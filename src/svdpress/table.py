@@ -25,5 +25,11 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], markdown: bool 
         line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
         return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                          + [line(r) for r in cells])
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
+    numeric = [all(_is_num(r[i]) for r in rows) and bool(rows) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.rjust(w) if numeric[i] else c.ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) or v is None

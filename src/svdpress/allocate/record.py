@@ -1,0 +1,80 @@
+"""One JSON format and one plot for every allocation, whatever method produced it.
+
+ranks.json:
+    {"format": "svdpress-ranks/1", "method": "fermigrad", "ratio": {"target": 0.8, "achieved": 0.7996},
+     "layers": {"model.layers.0.self_attn.q_proj": {"shape": [576, 576], "rank": 230}, ...}}
+A rank of null means the layer is kept dense. `--allocate load --ranks ranks.json` reads it back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+from ..errors import SvdpressError
+from ..params import LayerShape, count_params, dense_count
+
+FORMAT = "svdpress-ranks/1"
+
+
+def ranks_document(method: str, shapes: Mapping[str, LayerShape], ranks: Mapping[str, Optional[int]],
+                   target: float) -> dict:
+    return {
+        "format": FORMAT,
+        "method": method,
+        "ratio": {"target": target, "achieved": count_params(shapes, ranks) / dense_count(shapes)},
+        "layers": {n: {"shape": [s.m, s.n], "rank": ranks.get(n)} for n, s in shapes.items()},
+    }
+
+
+def read_ranks(path: str | Path) -> dict[str, Optional[int]]:
+    """{layer: rank or None}; a clear error for a missing or malformed file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SvdpressError(f"rank file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SvdpressError(f"rank file {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("layers"), dict):
+        raise SvdpressError(f"rank file {path} is not in the {FORMAT} format")
+    out: dict[str, Optional[int]] = {}
+    for name, entry in doc["layers"].items():
+        r = entry.get("rank") if isinstance(entry, dict) else None
+        if r is not None and (not isinstance(r, int) or r < 1):
+            raise SvdpressError(f"rank file {path}: layer {name} has invalid rank {r!r}")
+        out[name] = r
+    return out
+
+
+def plot_ranks(doc: dict, title: str = "") -> bytes:
+    """PNG of the kept fraction r·(m+n)/(m·n) per block, one line per projection type: where the budget went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for name, e in doc["layers"].items():
+        m, n = e["shape"]
+        parts = name.split(".")
+        block = next((int(p) for p in parts if p.isdigit()), 0)
+        r = e["rank"]
+        kept = 1.0 if r is None else r * (m + n) / (m * n)
+        series.setdefault(parts[-1], []).append((block, kept, min(m, n) if r is None else r))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for kind, pts in sorted(series.items()):
+        pts.sort()
+        ax1.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=kind)
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=kind)
+    ax1.set(xlabel="block", ylabel="rank", title="rank per layer")
+    ax2.set(xlabel="block", ylabel="kept parameter fraction", title="kept fraction (1 = dense)")
+    ax2.axhline(doc["ratio"]["target"], color="gray", ls="--", lw=1)
+    ax2.legend(fontsize=8, ncol=2)
+    fig.suptitle(title or f"{doc['method']}: ratio {doc['ratio']['achieved']:.4f} (target {doc['ratio']['target']})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
