@@ -203,6 +203,27 @@ def _methods(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- pivga: gauge-fix an already compressed model directory (issue 4) ----------------------------------------
+def _pivga_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="an svdpress output directory (compressed, not yet PivGa)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@subcommand("pivga", _pivga_args)
+def _pivga(a: argparse.Namespace) -> int:
+    from .pivga import convert_directory
+
+    report = convert_directory(a.source, a.out, overwrite=a.overwrite, progress=not a.no_progress)
+    p = report["params"]
+    print(f"pivga: {report['pivga_report']['params_saved']:,} parameters saved over "
+          f"{len(report['pivga_report']['per_layer'])} layers; linear params {p['linear_kept']:,} / "
+          f"{p['linear_dense']:,} (ratio {p['linear_ratio']:.4f})\nsaved to {a.out}")
+    return 0
+# ---- end pivga -------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 

@@ -44,6 +44,71 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class PivGaLinear(nn.Module):
+    """Gauge-fixed low-rank layer (PivGa, arXiv 2512.03062): W = C·[I_r | D]·Pᵀ, so y = C (x_π[:r] + D x_π[r:]) + b.
+
+    A·B has the gauge freedom (A G⁻¹)(G B); choosing G = B0⁻¹ for r skeleton columns B0 of B turns those
+    columns into an identity block that is not stored: r·(m+n) − r² parameters instead of r·(m+n).
+    C = A·B0: (m, r), D = B0⁻¹·B1: (r, n−r), `perm` (int64, saved): skeleton columns first, then the rest.
+    When the producing layer already emits its outputs in `perm` order (e.g. gate/up rows permuted for
+    down_proj), `perm` is the identity and the forward needs no gather at all.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not 0 < rank <= in_features:
+            raise ValueError(f"PivGaLinear needs 0 < rank ≤ in_features, got rank {rank} for {in_features}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.D = nn.Linear(in_features - rank, rank, bias=False, device=device, dtype=dtype)  # D: (r, n−r)
+        self.C = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # C: (m, r)
+        self.register_buffer("perm", torch.arange(in_features, device=device, dtype=torch.int64), persistent=True)
+        self._gather: Optional[bool] = None  # perm ≠ identity; read once from the buffer (a loaded value)
+
+    @classmethod
+    def from_parts(cls, C: torch.Tensor, D: torch.Tensor, perm: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   dtype: Optional[torch.dtype] = None) -> "PivGaLinear":
+        dtype = dtype or (bias.dtype if bias is not None else C.dtype)
+        r = C.shape[1]
+        layer = cls(r + D.shape[1], C.shape[0], r, bias is not None, device=C.device, dtype=dtype)
+        with torch.no_grad():
+            layer.C.weight.copy_(C)
+            layer.D.weight.copy_(D)
+            layer.perm.copy_(perm)
+            if bias is not None:
+                layer.C.bias.copy_(bias)
+        return layer
+
+    @property
+    def skeleton(self) -> torch.Tensor:
+        """Indices of the r input features that pass through the identity block."""
+        return self.perm[: self.rank]
+
+    def input_permuted(self) -> None:
+        """The producer now emits inputs in `perm` order: forget the permutation, skip the gather."""
+        with torch.no_grad():
+            self.perm.copy_(torch.arange(self.in_features, device=self.perm.device))
+        self._gather = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._gather = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gather is None:
+            self._gather = bool((self.perm != torch.arange(self.in_features, device=self.perm.device)).any())
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)  # 2-D: index_select along dim 1 of a 2-D tensor is the fast path
+        if self._gather:
+            x = x.index_select(1, self.perm)  # one contiguous gather: [skeleton | rest]
+        r = self.rank
+        z = torch.addmm(x[:, :r], x[:, r:], self.D.weight.t())  # z = x_s + D x_r
+        return self.C(z).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
@@ -70,4 +135,4 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
         set_module(model, name, new)
 
 
-LAYER_KINDS: dict[str, type] = {"lowrank": LowRankLinear}
+LAYER_KINDS: dict[str, type] = {"lowrank": LowRankLinear, "pivga": PivGaLinear}

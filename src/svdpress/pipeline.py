@@ -179,7 +179,9 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         "allocation": alloc.info,
     }
     if pivga_report is not None:
-        report["pivga_report"] = pivga_report
+        from .pivga import record_in_manifest
+
+        record_in_manifest(report, model, pivga_report)  # per-layer ranks/params and totals after PivGa
     report["numerics"] = notes
     if cfg.eval is not None:
         with timer("evaluate"):
