@@ -204,3 +204,15 @@ def test_real_layers_are_lossless():
         with torch.no_grad():
             assert rel(piv(x), low(x)) <= 1e-5, t.name
         assert n_params(low) - n_params(piv) == r * r
+
+
+def test_gradients_flow_like_the_lowrank_layer():
+    """The in-place GEMM over the gathered copy must not break autograd (healing trains these layers)."""
+    low = random_lowrank(24, 16, 6, bias=True)
+    piv = to_pivga(low)
+    x1 = torch.randn(4, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    low(x1).square().sum().backward()
+    piv(x2).square().sum().backward()
+    assert rel(x2.grad, x1.grad) <= 1e-5
+    assert piv.D.weight.grad is not None and torch.isfinite(piv.C.weight.grad).all()

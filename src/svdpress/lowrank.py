@@ -99,10 +99,13 @@ class PivGaLinear(nn.Module):
             self._gather = bool((self.perm != torch.arange(self.in_features, device=self.perm.device)).any())
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # 2-D: index_select along dim 1 of a 2-D tensor is the fast path
+        r, Dt = self.rank, self.D.weight.t()
         if self._gather:
             x = x.index_select(1, self.perm)  # one contiguous gather: [skeleton | rest]
-        r = self.rank
-        z = torch.addmm(x[:, :r], x[:, r:], self.D.weight.t())  # z = x_s + D x_r
+        if self._gather and not torch.is_grad_enabled():
+            z = x[:, :r].addmm_(x[:, r:], Dt)  # z = x_s + D x_r: one GEMM over x_s of our own gathered copy
+        else:  # autograd needs x_r intact; an absorbed input belongs to the caller
+            z = torch.addmm(x[:, :r], x[:, r:], Dt)
         return self.C(z).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

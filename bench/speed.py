@@ -1,0 +1,276 @@
+"""Inference speed and memory of dense vs low-rank (SVD) vs PivGa models: prefill and greedy decoding.
+
+    PYTHONPATH=src python bench/speed.py --ratios 0.8,0.6 --repeats 5 --device auto --dtype bfloat16
+    PYTHONPATH=src python bench/speed.py --models out/smol80,out/smol80-pivga      # saved compressed models
+
+Spectra are computed once (one calibration), and every ratio is built from a fresh copy of the dense weights;
+the PivGa variant of a ratio is the same factors gauge-fixed (`apply_pivga`), so the pair differs only in the
+layer type. All variants stay resident and are measured interleaved (repeat → variant), so slow drifts of a
+shared machine hit every variant alike; each figure is the median over --repeats runs after one warmup.
+
+Prefill: forward over batch × seqlen random tokens with `logits_to_keep=1` (what serving does: only the last
+position's logits), tokens/s = batch·seqlen / time. Decode: a 32-token prompt, then --new-tokens greedy steps
+with the KV cache, tokens/s = new tokens / time of the steps. Memory: weights (parameters + buffers, tied
+tensors once) and peak = weights + the run's working memory (GPU: max_memory_allocated above the resident
+baseline; CPU: peak RSS sampled by psutil during the run above the RSS before it — allocator reuse can hide
+some of it, so CPU peaks are approximate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from svdpress.config import resolve_device, torch_dtype  # noqa: E402
+from svdpress.table import table  # noqa: E402
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Working memory of one run above the resident baseline (GPU allocator stats, or sampled CPU RSS)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                import psutil
+            except ImportError:
+                self.proc = None
+                return self
+            self.proc, self.base, self.stop = psutil.Process(), psutil.Process().memory_info().rss, False
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        elif self.proc is not None:
+            self.stop = True
+            self.thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+        return False
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prefill(model: nn.Module, ids: torch.Tensor) -> None:
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: str) -> float:
+    """Greedy decoding with the KV cache; returns the seconds of the `new_tokens` steps (prompt excluded)."""
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def measure(variants: dict[str, nn.Module], name: str, run: Callable[[nn.Module], float], tokens: int,
+            repeats: int, device: str) -> dict[str, dict]:
+    """tokens/s (median of `repeats`, interleaved across variants) and peak memory of one workload."""
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peaks: dict[str, int] = {v: 0 for v in variants}
+    with torch.inference_mode():
+        for v, m in variants.items():  # warmup: kernels, allocator, caches
+            run(m)
+        for i in range(repeats):
+            for v, m in variants.items():
+                with PeakMemory(device) as pm:
+                    times[v].append(run(m))
+                peaks[v] = max(peaks[v], pm.peak)
+            print(f"  {name}: repeat {i + 1}/{repeats}", file=sys.stderr, flush=True)
+    return {v: {"tokens_per_s": tokens / statistics.median(ts), "seconds": ts,
+                "peak_mb": (peaks[v] + weight_bytes(variants[v])) / 2**20} for v, ts in times.items()}
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """dense + {svd, pivga} at every ratio, from one calibration; or dense + the given saved models."""
+    from svdpress.allocate import AllocationProblem, allocate
+    from svdpress.export import read_manifest
+    from svdpress.models import find_targets, load_model
+    from svdpress.params import count_params, dense_count
+    from svdpress.pipeline import Timer, build, factorize_model
+    from svdpress.pivga import apply_pivga
+
+    dense, tok, _ = load_model(a.model, torch.float32, "cpu")
+    variants, info = {"dense": dense}, {"dense": {"linear_ratio": 1.0}}
+    if a.models:
+        for d in a.models:
+            man = read_manifest(d)
+            m, _, _ = load_model(d, torch.float32, "cpu")
+            key = f"{'pivga' if man.get('pivga') else man.get('factorize', 'svd')}@{man['ratio']['target']}"
+            variants[key], info[key] = m, {"linear_ratio": man["params"]["linear_ratio"], "dir": d}
+        return variants, info
+    from svdpress.data import calibration_samples
+
+    samples, _ = calibration_samples(tok, a.calib, a.calib_samples, a.calib_seqlen, 0)
+    t = time.perf_counter()
+    spectra = factorize_model(dense, samples, a.factorize, device, Timer(), progress=not a.no_progress)
+    print(f"spectra in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    shapes = {t.name: t.shape for t in find_targets(dense)}
+    for ratio in a.ratios:
+        m = copy.deepcopy(dense)
+        alloc = allocate(AllocationProblem(shapes, spectra, ratio, 1, {}, m, samples, device, 0, False), a.allocate)
+        build(m, spectra, alloc.ranks)
+        variants[f"svd@{ratio}"] = m
+        info[f"svd@{ratio}"] = {"linear_ratio": count_params(shapes, alloc.ranks) / dense_count(shapes)}
+        if a.pivga:
+            p = copy.deepcopy(m)
+            rep = apply_pivga(p, progress=False)
+            variants[f"pivga@{ratio}"] = p
+            info[f"pivga@{ratio}"] = {"linear_ratio": count_params(shapes, alloc.ranks, True) / dense_count(shapes),
+                                      "absorbed": len(rep["absorbed"]), "layers": len(rep["per_layer"])}
+    return variants, info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--models", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="saved compressed model directories to measure instead of building variants")
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 0.6])
+    p.add_argument("--factorize", default="svd-llm")
+    p.add_argument("--allocate", default="uniform")
+    p.add_argument("--no-pivga", dest="pivga", action="store_false")
+    p.add_argument("--calib", default="wiki")
+    p.add_argument("--calib-samples", type=int, default=8,
+                   help="speed does not depend on the factor values; few samples keep the one calibration short")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--prefill", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x],
+                   default=[(1, 512), (8, 512)], help="BATCHxSEQLEN,... (empty string: skip)")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding steps (0: skip)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="float32 | float16/fp16 | bfloat16/bf16 (default: bf16 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default="bench/results/speed.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    dtype_name = DTYPE_ALIASES.get(a.dtype, a.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = torch_dtype(dtype_name)
+    torch.manual_seed(0)
+    variants, info = build_variants(a, device)
+    for m in variants.values():
+        m.to(device=device, dtype=dtype).eval()
+    vocab = variants["dense"].config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    results: dict[str, dict] = {v: {"weights_mb": weight_bytes(m) / 2**20, **info[v]} for v, m in variants.items()}
+    for b, L in a.prefill:
+        ids = torch.randint(0, vocab, (b, L), generator=g).to(device)
+        key = f"prefill_{b}x{L}"
+        r = measure(variants, key, lambda m: timed(lambda: prefill(m, ids), device), b * L, a.repeats, device)
+        for v in variants:
+            results[v][key] = r[v]
+    if a.new_tokens:
+        prompt = torch.randint(0, vocab, (1, a.prompt_len), generator=g).to(device)
+        r = measure(variants, "decode", lambda m: decode(m, prompt, a.new_tokens, device), a.new_tokens,
+                    a.repeats, device)
+        for v in variants:
+            results[v][f"decode_{a.new_tokens}"] = r[v]
+    doc = {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+           "dtype": dtype_name, "threads": torch.get_num_threads(), "repeats": a.repeats, "model": a.model,
+           "factorize": a.factorize, "allocate": a.allocate, "results": results}
+    add_ratios(doc)
+    print(render(doc))
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {a.json}")
+    return 0
+
+
+def workloads(doc: dict) -> list[str]:
+    return [k for k, v in doc["results"]["dense"].items() if isinstance(v, dict)]
+
+
+def add_ratios(doc: dict) -> None:
+    """Per workload: tokens/s relative to dense, and PivGa relative to the SVD model of the same ratio."""
+    res = doc["results"]
+    for w in workloads(doc):
+        base = res["dense"][w]["tokens_per_s"]
+        for v, r in res.items():
+            r[w]["vs_dense"] = r[w]["tokens_per_s"] / base
+            twin = v.replace("pivga@", "svd@") if v.startswith("pivga@") else None
+            if twin in res:
+                r[w]["vs_svd"] = r[w]["tokens_per_s"] / res[twin][w]["tokens_per_s"]
+
+
+def render(doc: dict) -> str:
+    rows = []
+    for v, r in doc["results"].items():
+        row = [v, f"{r['linear_ratio']:.3f}", f"{r['weights_mb']:.1f}"]
+        for w in workloads(doc):
+            x = r[w]
+            rel = f"{x['vs_dense']:.2f}x" + (f", {x['vs_svd']:.2f}x svd" if "vs_svd" in x else "")
+            row += [f"{x['tokens_per_s']:.0f} ({rel})", f"{x['peak_mb']:.1f}"]
+        rows.append(row)
+    head = ["model", "linear ratio", "weights MB"]
+    for w in workloads(doc):
+        head += [f"{w} tok/s (vs dense, vs svd)", "peak MB"]
+    title = f"device {doc['device']} {doc['gpu'] or ''} dtype {doc['dtype']} threads {doc['threads']}, " \
+            f"median of {doc['repeats']}"
+    return title + "\n" + table(rows, head)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
