@@ -176,6 +176,19 @@ def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Mod
     return variants, info
 
 
+def check_lossless(variants: dict[str, nn.Module], info: dict[str, dict], length: int = 64) -> None:
+    """float32 logits of each PivGa model vs its SVD twin on random tokens: relative difference (≈ rounding)."""
+    ids = torch.randint(0, variants["dense"].config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for v, m in variants.items():
+            twin = variants.get(v.replace("pivga@", "svd@")) if v.startswith("pivga@") else None
+            if twin is not None:
+                ref, got = twin(input_ids=ids).logits, m(input_ids=ids).logits
+                info[v]["logits_rel_diff_vs_svd"] = float((got - ref).norm() / ref.norm())
+                print(f"{v}: logits relative difference vs svd {info[v]['logits_rel_diff_vs_svd']:.2e}",
+                      file=sys.stderr)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
@@ -211,6 +224,7 @@ def main(argv=None) -> int:
     dtype = torch_dtype(dtype_name)
     torch.manual_seed(0)
     variants, info = build_variants(a, device)
+    check_lossless(variants, info)
     for m in variants.values():
         m.to(device=device, dtype=dtype).eval()
     vocab = variants["dense"].config.vocab_size
