@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is much "
+                                                            "faster on a crowded CPU")
     p.add_argument("--out", type=Path, default=Path("bench/results/zeroshot.json"))
     return p.parse_args()
 
@@ -85,6 +87,10 @@ def render(rows: list[dict], tasks: list[str]) -> str:
 
 def main() -> None:
     a = parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     tasks = [t for t in a.tasks.split(",") if t]
     rows: list[dict] = []

@@ -21,7 +21,7 @@ def lm_eval_config(task: str) -> dict:
     """lm-eval's own config of `task`, read from its YAML (the reference our overrides must not change)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(task_manager(False).task_index[task].yaml_path, resolve_func=True)
+    return load_yaml(task_manager().task_index[task].yaml_path, resolve_func=True)
 
 
 @needs_data
@@ -29,7 +29,7 @@ def test_every_paper_task_resolves_locally_with_lm_evals_prompts():
     assert set(PAPER_TASKS) | {"mmlu"} <= set(local_tasks())
     names = resolve_tasks(PAPER_TASKS, "local")
     assert names == {t: f"{t}_local" for t in PAPER_TASKS}
-    built = task_manager(True).load(list(names.values()))["tasks"]
+    built = task_manager().load(list(names.values()))["tasks"]
     for t in PAPER_TASKS:
         task, ref = built[t], lm_eval_config(t)
         for f in PROMPT_FIELDS:
@@ -58,18 +58,6 @@ def test_unknown_task_and_source_are_user_errors():
         resolve_tasks(["no_such_task_xyz"], "hub")
     with pytest.raises(SvdpressError, match="offline"):
         resolve_tasks(["no_such_task_xyz"], "local")
-
-
-@needs_data
-def test_zero_shot_on_tiny_model_gives_lm_eval_results(tiny_model, tokenizer):
-    res = zero_shot(tiny_model, tokenizer, ["piqa", "arc_easy"], limit=3, seed=0)
-    assert list(res) == ["piqa", "arc_easy"]
-    for r in res.values():
-        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
-        assert r["n"] == 3 and r["split"] == "validation" and r["source"] == "local"
-        assert r["acc"] * 3 == pytest.approx(round(r["acc"] * 3))  # a fraction of 3 scored documents
-    text = tasks_table(res)
-    assert "average" in text and "validation" in text
 
 
 @needs_data
@@ -143,23 +131,44 @@ def smollm():
     return model, tok
 
 
-@pytest.mark.slow
-@needs_data
-def test_default_model_matches_lm_evals_own_simple_evaluate(smollm):
-    """Our wrapper vs lm-eval called directly with lm-eval's own task config (data source swapped in the test,
-    not through our YAML files): identical numbers, and the dense model is above chance."""
+LOCAL = {"piqa": "piqa/plain_text", "hellaswag": "hellaswag/none"}
+
+
+def direct_lm_eval(model, tok, limit: int) -> dict:
+    """lm-eval called directly with its own task configs (data source swapped here, not through our YAML)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    model, tok = smollm
-    ours = zero_shot(model, tok, ["piqa", "hellaswag"], limit=50, seed=0)
-    local = {"piqa": "piqa/plain_text", "hellaswag": "hellaswag/none"}
     configs = [{**lm_eval_config(t), "custom_dataset": lambda p=p, **_: load_local(p), "training_split": None,
-                "test_split": None} for t, p in local.items()]
-    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=configs,
-                                  limit=50, task_manager=task_manager(False), log_samples=False)["results"]
-    for t in local:
+                "test_split": None} for t, p in LOCAL.items()]
+    return lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=configs,
+                                   limit=limit, task_manager=task_manager(), log_samples=False)["results"]
+
+
+def assert_same_numbers(ours: dict, ref: dict, n: int) -> None:
+    for t in LOCAL:
         assert ours[t]["acc"] == ref[t]["acc,none"] and ours[t]["acc_norm"] == ref[t]["acc_norm,none"], t
-        assert ours[t]["n"] == 50
+        assert ours[t]["n"] == n
+
+
+@needs_data
+def test_zero_shot_on_tiny_model_gives_lm_evals_own_numbers(tiny_model, tokenizer):
+    res = zero_shot(tiny_model, tokenizer, [*LOCAL, "arc_easy"], limit=3, seed=0)
+    assert list(res) == [*LOCAL, "arc_easy"]
+    for r in res.values():
+        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+        assert r["n"] == 3 and r["split"] == "validation" and r["source"] == "local"
+        assert r["acc"] * 3 == pytest.approx(round(r["acc"] * 3))  # a fraction of 3 scored documents
+    assert "average" in tasks_table(res) and "validation" in tasks_table(res)
+    assert_same_numbers(res, direct_lm_eval(tiny_model, tokenizer, 3), 3)
+
+
+@pytest.mark.slow
+@needs_data
+def test_default_model_matches_lm_evals_own_simple_evaluate(smollm):
+    """The same on SmolLM2-135M with 50 documents per task, and the dense model is above chance."""
+    model, tok = smollm
+    ours = zero_shot(model, tok, list(LOCAL), limit=50, seed=0)
+    assert_same_numbers(ours, direct_lm_eval(model, tok, 50), 50)
     assert ours["piqa"]["acc"] > 0.55  # chance 0.5
     assert ours["hellaswag"]["acc_norm"] > 0.30  # chance 0.25

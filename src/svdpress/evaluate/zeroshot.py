@@ -34,12 +34,13 @@ def local_tasks() -> list[str]:
     return sorted(p.stem[: -len(LOCAL_SUFFIX)] for p in TASK_DIR.glob(f"*{LOCAL_SUFFIX}.yaml"))
 
 
-@lru_cache(maxsize=2)
-def task_manager(with_local: bool):
-    """lm-eval's TaskManager (indexing its ~10k YAML files takes seconds: built once per process)."""
+@lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's TaskManager with our offline groups added (indexing lm-eval's ~10k YAML files takes seconds:
+    built once per process). lm-eval's own tasks keep their names, so the hub path uses the same manager."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASK_DIR) if with_local else None)
+    return TaskManager(include_path=str(TASK_DIR))
 
 
 def resolve_tasks(tasks: Sequence[str], source: str = "auto") -> dict[str, str]:
@@ -56,7 +57,7 @@ def resolve_tasks(tasks: Sequence[str], source: str = "auto") -> dict[str, str]:
                 f"no local copy of {t!r} (local tasks: {', '.join(local_tasks())})"
             raise SvdpressError(f"task {t!r} cannot run offline: {why}")
         out[t] = t + LOCAL_SUFFIX if (source == "local" or (source == "auto" and local_ok)) else t
-    unknown = [t for t, n in out.items() if n == t and n not in task_manager(False).all_tasks]
+    unknown = [t for t, n in out.items() if n == t and n not in task_manager().all_tasks]
     if unknown:
         raise SvdpressError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     return out
@@ -71,15 +72,14 @@ def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Optional
     home = next(model.parameters()).device
     model.to(device)
     try:
-        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size,
-                          with_local=any(n != t for t, n in names.items()))
+        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size)
     finally:
         model.to(home)
     return {t: _task_result(raw, t, n, limit) for t, n in names.items()}
 
 
 def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optional[int], seed: int,
-                batch_size: int, with_local: bool) -> dict:
+                batch_size: int) -> dict:
     """lm_eval.simple_evaluate on an already loaded model (HFLM takes the device from the model)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -87,7 +87,7 @@ def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optiona
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(with_local),
+    return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
                                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                    fewshot_random_seed=seed, log_samples=False, verbosity="ERROR")
 
