@@ -12,6 +12,7 @@ Figures not recorded for a model are shown as '-'. Speed and memory are read whe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -87,6 +88,11 @@ def load_entry(spec: str) -> Entry:
     return Entry(spec, "dense", 1.0, model_params(model))
 
 
+def _slug(text: str) -> str:
+    """A perplexity text's name fit for a file name (texts may be given as paths)."""
+    return re.sub(r"[^\w.-]+", "_", Path(text).name)
+
+
 def _columns(entries: list[Entry]) -> tuple[list[str], list[str]]:
     ppl = list(dict.fromkeys(k for e in entries for k in e.ppl))
     tasks = list(dict.fromkeys(k for e in entries for k in e.tasks))
@@ -98,7 +104,7 @@ def report_table(entries: list[Entry], markdown: bool = True) -> str:
     from .table import table
 
     ppl, tasks = _columns(entries)
-    head = ["model", "method", "ratio", "params"] + [f"ppl {k}" for k in ppl] + tasks + \
+    head = ["model", "method", "ratio", "params"] + [f"ppl {Path(k).name}" for k in ppl] + tasks + \
            ["avg acc", "tokens/s", "peak MB"]
     rows = []
     for e in entries:
@@ -122,7 +128,7 @@ def plot(entries: list[Entry], out_dir: Path) -> list[Path]:
     figures = {"accuracy.png": ("mean zero-shot acc", lambda e: sum(e.tasks.values()) / len(e.tasks)
                                 if tasks and len(e.tasks) == len(tasks) else None, False)}
     for k in _columns(entries)[0]:
-        figures[f"perplexity_{k}.png"] = (f"perplexity ({k})", lambda e, k=k: e.ppl.get(k), True)
+        figures[f"perplexity_{_slug(k)}.png"] = (f"perplexity ({k})", lambda e, k=k: e.ppl.get(k), True)
     written = []
     for name, (ylabel, value, log) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))

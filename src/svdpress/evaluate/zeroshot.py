@@ -122,7 +122,7 @@ def _task_result(raw: dict, task: str, lm_name: str, limit: Optional[int]) -> di
 
 def task_summary(res: dict[str, Any]) -> str:
     """One line per task for summaries: 'acc 0.6200 ± 0.0490, acc_norm 0.6000, n 50 (validation, local)'."""
-    parts = [f"acc {res['acc']:.4f}" + (f" ± {res['acc_stderr']:.4f}" if res.get("acc_stderr") else "")]
+    parts = [f"acc {res['acc']:.4f}" + (f" ± {res['acc_stderr']:.4f}" if res.get("acc_stderr") is not None else "")]
     if "acc_norm" in res:
         parts.append(f"acc_norm {res['acc_norm']:.4f}")
     return ", ".join(parts) + f", n {res.get('n', '?')} ({res.get('split', '?')}, {res.get('source', '?')})"
