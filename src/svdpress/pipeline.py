@@ -216,7 +216,7 @@ def evaluate_model(model: nn.Module, tokenizer, cfg: EvalConfig, device: str = "
             from .evaluate.zeroshot import zero_shot
 
             out["tasks"] = zero_shot(model, tokenizer, cfg.tasks, limit=cfg.task_limit, seed=cfg.seed,
-                                     batch_size=cfg.batch_size, device=device)
+                                     batch_size=cfg.batch_size, device=device, source=cfg.task_source)
     finally:
         model.to(home)
     return out

