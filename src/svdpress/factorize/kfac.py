@@ -46,4 +46,4 @@ def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping:
 def kfac(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     if stats.out_grad is None:
         raise SvdpressError("kfac needs output-gradient statistics (calibrate.gradient_stats)")
-    return kfac_spectrum(W, stats.inputs, stats.out_grad)
+    return kfac_spectrum(W, stats.inputs, stats.out_grad, DAMPING)
