@@ -6,6 +6,9 @@ block's activations live in memory at a time, so a model larger than the device 
 
 Layers that read the same input tensor (q/k/v; gate/up) share one `InputStats`: the hooks see the very same
 tensor object and accumulate it once. Accumulation is a float32 matmul per batch summed into float64.
+
+Methods that weight by the loss (kfac, fwsvd) also need `gradient_stats`: one forward + backward of the whole
+model per batch of samples (frozen parameters, so memory is one batch's activations plus the statistics).
 """
 
 from __future__ import annotations
