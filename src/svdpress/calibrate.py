@@ -6,6 +6,9 @@ block's activations live in memory at a time, so a model larger than the device 
 
 Layers that read the same input tensor (q/k/v; gate/up) share one `InputStats`: the hooks see the very same
 tensor object and accumulate it once. Accumulation is a float32 matmul per batch summed into float64.
+
+Methods that weight by the loss (kfac, fwsvd) also need `gradient_stats`: one forward + backward of the whole
+model per batch of samples (frozen parameters, so memory is one batch's activations plus the statistics).
 """
 
 from __future__ import annotations
@@ -165,3 +168,89 @@ def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
         out[name] = moved[key]
         groups.setdefault(key, []).append(name)
     return BlockStats(block, out, list(groups.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient statistics (KFAC-SVD, FWSVD): one backward pass over the calibration samples, shared by every method.
+#
+# Normalization. The loss of a batch is the SUM of the next-token NLLs (not the mean), so the gradient g_t of a
+# token's layer output does not shrink with the batch size or the sequence length (a mean loss would scale every
+# g_t by 1/(B·T), and G by 1/(B·T)²). With N calibration tokens the statistics are raw sums:
+#   out_grad      G = Σ_t g_t g_tᵀ                      (m, m)  token-wise: each token's own outer product
+#   weight_fisher F = Σ_s (∂L_s/∂W)², ∂L_s/∂W = Σ_{t∈s} g_t x_tᵀ  (m, n)  per sequence s (Hsu et al. 2022)
+# so that ½ vec(ΔW)ᵀ (C ⊗ G / N) vec(ΔW) ≈ the increase of the summed loss (K-FAC: E[xxᵀ⊗ggᵀ] ≈ E[xxᵀ]⊗E[ggᵀ]).
+# Every factorizer is invariant to a global scale of its statistics, so only allocators see the normalization.
+# ---------------------------------------------------------------------------------------------------------------
+
+GradStats = dict[str, dict[str, torch.Tensor]]
+
+
+class _GradAccumulator:
+    """Hooks on every target layer: the forward hook keeps the input x and registers a tensor hook on the
+    output y, which receives g = ∂L/∂y in the backward pass and adds g's statistics (float32 blocks summed into
+    float64)."""
+
+    def __init__(self, model: nn.Module, device, fisher: bool) -> None:
+        self.fisher = fisher
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.handles = [model.get_submodule(t.name).register_forward_hook(self._forward(t.name, t.shape.m, t.shape.n,
+                                                                                        device))
+                        for t in find_targets(model)]
+
+    def _forward(self, name: str, m: int, n: int, device):
+        def fn(_module, args, out):
+            if not out.requires_grad:
+                return
+            x = args[0].detach()
+            out.register_hook(lambda g: self._backward(name, m, n, device, x, g))
+        return fn
+
+    def _backward(self, name: str, m: int, n: int, device, x: torch.Tensor, g: torch.Tensor) -> None:
+        s = self.stats.setdefault(name, {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=device)})
+        g = g.float()
+        gt = g.reshape(-1, m)
+        s["out_grad"] += (gt.T @ gt).double()  # G += Σ_t g_t g_tᵀ
+        if self.fisher:
+            b = g.shape[0]
+            dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))  # ∂L_s/∂W
+            s.setdefault("weight_fisher", torch.zeros(m, n, dtype=torch.float64, device=device))
+            s["weight_fisher"] += (dW ** 2).sum(0).double()  # F += Σ_s (∂L_s/∂W)²
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _next_token_nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """L = Σ_t −log p(x_{t+1} | x_≤t) over the batch (sum reduction, float32 log-softmax)."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="sum")
+
+
+def gradient_stats(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, device="cpu",
+                   progress: bool = True, fisher: bool = True) -> GradStats:
+    """Token-wise output-gradient factors G (and per-sequence weight Fisher F) of every target layer.
+
+    Parameters are frozen (no weight gradients are formed: the graph starts at the embedding output, which is
+    made to require grad), and samples run in batches of `batch_size`, so memory is one batch's activations plus
+    the statistics. The whole model is moved to `device` for the pass and back afterwards.
+    """
+    home = next(model.parameters()).device
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    acc = _GradAccumulator(model, device, fisher)
+    model.to(device)
+    try:
+        with torch.enable_grad():
+            for i in tqdm(range(0, len(samples), batch_size), desc="gradients", unit="batch", disable=not progress):
+                _next_token_nll_sum(model, samples[i:i + batch_size].to(device)).backward()
+    finally:
+        acc.remove()
+        emb.remove()
+        model.to(home)
+        for p, rg in frozen:
+            p.requires_grad_(rg)
+    return {name: {k: v.cpu() for k, v in s.items()} for name, s in acc.stats.items()}

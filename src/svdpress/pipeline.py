@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .allocate import AllocationProblem, allocate
-from .calibrate import iter_block_stats
 from .config import CompressConfig, EvalConfig, resolve_device, torch_dtype
 from .data import calibration_samples
 from .factorize import FACTORIZERS, LayerSpectrum, LayerStats
@@ -42,18 +41,21 @@ class Timer:
 
 
 def factorize_model(model: nn.Module, samples: torch.Tensor, method: str, device: str, timer: Timer,
-                    batch_size: int = 8, progress: bool = True) -> dict[str, LayerSpectrum]:
+                    batch_size: int = 8, progress: bool = True,
+                    stats_cache: Optional[str] = None) -> dict[str, LayerSpectrum]:
     """Spectra of every target layer, computed block by block right after that block's calibration, so the
-    statistics of only one block are held at a time."""
-    fac = FACTORIZERS[method]
-    grads: dict[str, dict] = {}
-    if fac.needs_gradients:
-        from .calibrate import gradient_stats  # backward-pass statistics (KFAC, FWSVD)
+    statistics of only one block are held at a time. With `stats_cache` (a directory) the statistics are read
+    from / written to disk (stats_cache.py), so later runs on the same model and samples skip calibration."""
+    from .stats_cache import StatsCache, block_stats, grad_stats
 
+    fac = FACTORIZERS[method]
+    cache = StatsCache(stats_cache, model, samples) if stats_cache else None
+    grads: dict[str, dict] = {}
+    if fac.needs_gradients:  # backward-pass statistics (KFAC, FWSVD)
         with timer("calibrate_gradients"):
-            grads = gradient_stats(model, samples, batch_size=batch_size, device=device, progress=progress)
+            grads = grad_stats(cache, model, samples, batch_size, device, progress)
     spectra: dict[str, LayerSpectrum] = {}
-    blocks = iter_block_stats(model, samples, batch_size=batch_size, device=device, progress=progress)
+    blocks = block_stats(cache, model, samples, batch_size, device, progress)
     while True:
         with timer("calibrate"):
             bs = next(blocks, None)
@@ -139,7 +141,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     with timer("data"):
         samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
     torch.manual_seed(cfg.seed)
-    spectra = factorize_model(model, samples, cfg.factorize, device, timer, cfg.calib_batch_size, cfg.progress)
+    spectra = factorize_model(model, samples, cfg.factorize, device, timer, cfg.calib_batch_size, cfg.progress,
+                              cfg.stats_cache)
 
     problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), model, samples,
                                 device, cfg.seed, cfg.progress)

@@ -16,7 +16,7 @@ EIG_FLOOR = 1e-8  # eigenvalues clamped to EIG_FLOOR · λ_max
 
 
 class Whitener:
-    """S with C ≈ S·Sᵀ, and x ↦ x·S⁻¹ for un-whitening the right factor."""
+    """S with C ≈ S·Sᵀ; x ↦ x·S⁻¹ un-whitens a right factor (input side), x ↦ S⁻ᵀ·x a left one (output side)."""
 
     def __init__(self, S: torch.Tensor, triangular: bool, note: str) -> None:
         self.S, self.triangular, self.note = S, triangular, note
@@ -26,6 +26,12 @@ class Whitener:
         if self.triangular:
             return torch.linalg.solve_triangular(self.S.T, Vh.T, upper=True).T
         return torch.linalg.solve(self.S.T, Vh.T).T
+
+    def undo_left(self, U: torch.Tensor) -> torch.Tensor:
+        """S⁻ᵀ·U: the left factor of the SVD of Sᵀ·M back in the original output coordinates."""
+        if self.triangular:
+            return torch.linalg.solve_triangular(self.S.T, U, upper=True)
+        return torch.linalg.solve(self.S.T, U)
 
 
 def _symmetric(C: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""KFAC-SVD (Thoma et al., ICML 2026): SVD under the Kronecker-factored Fisher of the layer's weights.
+
+K-FAC approximates the Fisher of vec(W) by C ⊗ G, C = Σ_t x_t x_tᵀ (inputs, shared with SVD-LLM) and
+G = Σ_t g_t g_tᵀ (gradients of the loss w.r.t. the layer's output, accumulated token by token: summing g over a
+sequence first would leave G of rank ≤ #sequences, the rank collapse of earlier Fisher-based SVDs). The loss
+increase of a perturbation is then ≈ ½ tr(ΔWᵀ G ΔW C) = ½ ‖L_Gᵀ ΔW L_C‖²_F with G = L_G L_Gᵀ, C = L_C L_Cᵀ, so
+
+    M = L_Gᵀ · W · L_C = U Σ Vᵀ,   W_r = (L_G⁻ᵀ U_r) Σ_r (V_rᵀ L_C⁻¹)
+
+is the optimal rank-r approximation for that Fisher-weighted error, and Σ_{j≥r} σ_j² is exactly that error.
+
+Robust factors: G is damped as in K-FAC, G + δ·mean(diag G)·I (DAMPING = δ, relative so it is scale-free),
+which bounds the un-whitening L_G⁻ᵀ in directions the gradients barely visit; both factors then go through
+whiten.cholesky (Cholesky, then growing jitter, then a clamped eigen-decomposition). C is not damped beyond that
+fallback, so with G = I (any damping) the result equals SVD-LLM's up to a global scale of Σ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibrate import InputStats
+from ..errors import SvdpressError
+from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
+from .whiten import cholesky, whitener
+
+DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
+
+
+def damped(G: torch.Tensor, damping: float) -> torch.Tensor:
+    """G + δ·mean(diag G)·I (float64)."""
+    G = G.double()
+    return G + damping * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING) -> LayerSpectrum:
+    """SVD of L_Gᵀ W L_C, un-whitened on both sides."""
+    right = whitener(inputs, "cholesky")  # shared by the layers reading this input (q/k/v, gate/up)
+    left = cholesky(damped(G.to(W.device), damping))
+    M = left.S.T.to(W) @ W @ right.S.to(W)  # L_Gᵀ W L_C
+    note = "; ".join(f"{side}: {wh.note}" for side, wh in (("out", left), ("in", right)) if wh.note)
+    return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note)
+
+
+@register_factorizer("kfac", needs_gradients=True, description="KFAC-SVD: two-sided (activation x gradient) whitening")
+def kfac(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
+    if stats.out_grad is None:
+        raise SvdpressError("kfac needs output-gradient statistics (calibrate.gradient_stats)")
+    return kfac_spectrum(W, stats.inputs, stats.out_grad, DAMPING)
