@@ -52,9 +52,10 @@ def atp(p: AllocationProblem) -> Allocation:
     headroom = min(p.ratio, 1 - p.ratio)
     betas = [2 * headroom * i / max(cfg.beta_steps, 1) for i in range(cfg.beta_steps + 1)]
     tried = []
-    for beta in betas:
-        ranks = atp_ranks(p, beta, step)
-        tried.append((probe.loss(ranks)[cfg.metric], beta, ranks))
+    with probe.on_device():
+        for beta in betas:
+            ranks = atp_ranks(p, beta, step)
+            tried.append((probe.loss(ranks)[cfg.metric], beta, ranks))
     loss, beta, ranks = min(tried, key=lambda x: x[0])
     seconds = time.perf_counter() - t0
     return Allocation(ranks, {"beta": beta, "loss": loss, "metric": cfg.metric, "probes": len(betas),

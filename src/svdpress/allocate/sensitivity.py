@@ -77,7 +77,7 @@ class Probe:
         self.block_of = {t.name: t.block for t in find_targets(self.model)}
         self.norm, self.head = _final_layers(self.model, self.prefix)
         ids = problem.samples[:cfg.samples, :cfg.seqlen]
-        with self._on_device(), torch.no_grad():
+        with self.on_device(), torch.no_grad():
             self.states = self._block_states(ids)  # states[b][j] = (hidden, kwargs) entering block b, batch j
             self.ids = [ids[i:i + cfg.batch_size].to(self.device) for i in range(0, len(ids), cfg.batch_size)]
             self.ref_logp, ref_nll = [], 0.0
@@ -89,8 +89,12 @@ class Probe:
         self.ref_nll = ref_nll / sum(x[:, 1:].numel() for x in self.ids)
 
     @contextmanager
-    def _on_device(self) -> Iterator[None]:
+    def on_device(self) -> Iterator[None]:
+        """The model on the probe's device for a series of measurements (a no-op when already there)."""
         home = next(self.model.parameters()).device
+        if home == torch.device(self.device) or (home.type == "cuda" and self.device == "cuda"):
+            yield
+            return
         self.model.to(self.device)
         try:
             yield
@@ -142,7 +146,7 @@ class Probe:
             return {"kl": 0.0, "nll": self.ref_nll, "dnll": 0.0}
         start = min(active)
         kl = nll = 0.0
-        with self._on_device(), self._truncated(ranks):
+        with self.on_device(), self._truncated(ranks):
             for j, state in enumerate(self.states[start]):
                 h = state[0]
                 for b in range(start, len(self.blocks)):
@@ -195,10 +199,11 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
         jobs = [(f, name) for f in todo for name in problem.shapes]
         per_f: dict[float, dict[str, dict[str, float]]] = {f: {} for f in todo}
         timing = {f: setup / len(todo) for f in todo}
-        for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
-            t = time.perf_counter()
-            per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f)})
-            timing[f] += time.perf_counter() - t
+        with probe.on_device():
+            for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
+                t = time.perf_counter()
+                per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f)})
+                timing[f] += time.perf_counter() - t
         for f in todo:
             problem.cache[("sensitivity", cfg, round(float(f), 6))] = (per_f[f], timing[f], len(per_f[f]))
             for name, v in per_f[f].items():
