@@ -104,7 +104,7 @@ def solve_mckp(costs: list[np.ndarray], errors: list[np.ndarray], budget: float,
                             "with the smallest allowed ranks (option min_fraction)?")
     bounds = np.cumsum([0] + sizes)
     choice = [int(np.argmax(res.x[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
-    gap = float(getattr(res, "mip_gap", np.nan) if getattr(res, "mip_gap", None) is not None else np.nan)
+    gap = float(res.mip_gap) if getattr(res, "mip_gap", None) is not None else float("nan")
     status = {0: "optimal", 1: "limit reached (best feasible)", 3: "unbounded"}.get(res.status, res.message)
     obj = float(sum(errors[l][j] for l, j in enumerate(choice)))
     return MCKPResult(choice, status, gap, seconds, obj)
@@ -125,7 +125,7 @@ def lems(p: AllocationProblem) -> Allocation:
     min_fraction = cfg.min_fraction if cfg.min_fraction is not None else (0.3 if p.ratio >= 0.5 else 0.1)
     if cfg.global_importance:
         sens = layer_sensitivity(p, (cfg.probe_fraction,), probe_config(cfg))
-        G = {name: sens.loss[name][cfg.probe_fraction]["kl"] for name in p.shapes}
+        G = {name: max(0.0, sens.loss[name][cfg.probe_fraction]["kl"]) for name in p.shapes}
         measure_s, probes = sens.seconds, sens.probes
     else:
         G, measure_s, probes = {name: 1.0 for name in p.shapes}, 0.0, 0
