@@ -156,3 +156,12 @@ def test_cli_ranks_flag_reuses_an_exported_allocation(tiny_model_dir, text_file,
     a, b = (json.loads((tmp_path / d / "ranks.json").read_text()) for d in "ab")
     assert a["layers"] == b["layers"] and b["method"] == "load"
     assert main(["compress", *common, "--allocate", "lems", "--ranks", str(ranks_file)]) == 2
+
+
+def test_lems_tuning_picks_the_grid_point_with_the_lowest_kl(problem_parts):
+    opts = {**METHODS["lems"], "tune": True, "tune_alphas": [0.0], "tune_gammas": [0.0, 5.0]}
+    p = make_problem(problem_parts, 0.6, opts)
+    info = allocate(p, "lems").info
+    trials = info["tuning"]
+    assert len(trials) == 2 and min(trials, key=trials.get) == f"alpha=0.0,gamma={info['gamma']}"
+    assert slack_ok(p, allocate(p, "lems").ranks, 4)

@@ -15,13 +15,15 @@ surrogate error is
 Then one rank (or dense, error 0) per layer minimizing Σ e subject to Σ params ≤ budget: a multiple-choice
 knapsack, solved exactly as an ILP with HiGHS through scipy.optimize.milp (one-hot binaries per layer).
 The paper's defaults: p = 0.1, α = 0, γ = 5, τ = 0.6, ranks in multiples of 16 (here: the `rank_multiple`
-option, else `--rank-multiple` when it is not 1, else 16).
+option, else `--rank-multiple` when it is not 1, else 16). The repository then tunes (α, γ) with 10 Optuna
+trials scored by the truncated model's KL; `--opt tune=true` does the same on a small grid (12 forwards).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -32,7 +34,7 @@ from ..errors import SvdpressError
 from ..params import layer_params
 from . import ALLOCATORS, Allocation, AllocationProblem
 from .common import candidate_ranks, fill_config
-from .sensitivity import layer_sensitivity, probe_config
+from .sensitivity import get_probe, layer_sensitivity, probe_config
 
 DEFAULT_STEP = 16
 
@@ -46,6 +48,9 @@ class LemsConfig:
     min_fraction: Optional[float] = None  # smallest kept fraction of a layer (None: 0.3, or 0.1 below ratio 0.5)
     rank_multiple: Optional[int] = None  # candidate rank step (None: --rank-multiple if not 1, else 16)
     global_importance: bool = True  # False: local error only (ablation)
+    tune: bool = False  # choose (α, γ) on the grid below by the whole truncated model's KL (+1 forward each)
+    tune_alphas: tuple[float, ...] = (0.0, 1.0, 3.0)
+    tune_gammas: tuple[float, ...] = (0.0, 2.5, 5.0, 7.0)
     time_limit: float = 120.0  # HiGHS seconds
     mip_rel_gap: float = 1e-6  # HiGHS relative optimality gap at which it stops
     probe_samples: int = 4
@@ -116,6 +121,41 @@ def _step(p: AllocationProblem, cfg: LemsConfig) -> int:
     return p.rank_multiple if p.rank_multiple > 1 else DEFAULT_STEP
 
 
+def surrogate(p: AllocationProblem, cfg: LemsConfig, G: dict[str, float], step: int, min_fraction: float):
+    """Per layer: the choices (None = dense, then ranks), their parameter counts and surrogate errors e_l(r)."""
+    blocks = _blocks(p)
+    nblocks = max(blocks.values()) + 1
+    options, costs, errors = [], [], []
+    for name, shape in p.shapes.items():
+        S2 = np.cumsum(p.spectra[name].S.double().numpy() ** 2)
+        r_p = max(1, int(cfg.probe_fraction * shape.break_even))
+        scale = depth_bias(blocks[name], nblocks, cfg) * G[name] / max(tail_fraction(S2, r_p), 1e-12)
+        ranks: list[Optional[int]] = [None, *candidate_ranks(shape, step, min_fraction)]
+        options.append(ranks)
+        costs.append(np.array([layer_params(shape, r) for r in ranks], dtype=np.float64))
+        errors.append(np.array([0.0 if r is None else scale * tail_fraction(S2, r) for r in ranks]))
+    return options, costs, errors
+
+
+def _solve(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction):
+    options, costs, errors = surrogate(p, cfg, G, step, min_fraction)
+    res = solve_mckp(costs, errors, p.target, cfg.time_limit, cfg.mip_rel_gap)
+    ranks = {name: options[i][j] for i, (name, j) in enumerate(zip(p.shapes, res.choice))}
+    return ranks, res, sum(len(o) for o in options)
+
+
+def _tune(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction) -> tuple[LemsConfig, dict]:
+    """(α, γ) from a small grid by the KL of the whole truncated model (the repository tunes them with Optuna)."""
+    probe = get_probe(p, probe_config(cfg))
+    trials = {}
+    with probe.on_device():
+        for a, g in itertools.product(cfg.tune_alphas, cfg.tune_gammas):
+            ranks, _, _ = _solve(p, replace(cfg, alpha=float(a), gamma=float(g)), G, step, min_fraction)
+            trials[(float(a), float(g))] = probe.loss(ranks)["kl"]
+    a, g = min(trials, key=trials.get)
+    return replace(cfg, alpha=a, gamma=g), {f"alpha={k[0]},gamma={k[1]}": v for k, v in trials.items()}
+
+
 @ALLOCATORS.register("lems")
 def lems(p: AllocationProblem) -> Allocation:
     cfg = fill_config(LemsConfig, p.options, "lems")
@@ -130,27 +170,17 @@ def lems(p: AllocationProblem) -> Allocation:
     else:
         G, measure_s, probes = {name: 1.0 for name in p.shapes}, 0.0, 0
     t0 = time.perf_counter()
-    blocks = _blocks(p)
-    nblocks = max(blocks.values()) + 1
-    names, options, costs, errors = list(p.shapes), [], [], []
-    for name in names:
-        shape = p.shapes[name]
-        S2 = np.cumsum(p.spectra[name].S.double().numpy() ** 2)
-        r_p = max(1, int(cfg.probe_fraction * shape.break_even))
-        scale = depth_bias(blocks[name], nblocks, cfg) * G[name] / max(tail_fraction(S2, r_p), 1e-12)
-        ranks: list[Optional[int]] = [None, *candidate_ranks(shape, step, min_fraction)]
-        options.append(ranks)
-        costs.append(np.array([layer_params(shape, r) for r in ranks], dtype=np.float64))
-        errors.append(np.array([0.0 if r is None else scale * tail_fraction(S2, r) for r in ranks]))
-    build_s = time.perf_counter() - t0
-    res = solve_mckp(costs, errors, p.target, cfg.time_limit, cfg.mip_rel_gap)
-    ranks = {name: options[i][j] for i, (name, j) in enumerate(zip(names, res.choice))}
+    trials = None
+    if cfg.tune:
+        cfg, trials = _tune(p, cfg, G, step, min_fraction)
+    ranks, res, variables = _solve(p, cfg, G, step, min_fraction)
+    rest_s = time.perf_counter() - t0
     info = {"solver": "HiGHS (scipy.optimize.milp)", "status": res.status, "mip_gap": res.gap,
-            "solve_s": round(res.seconds, 3), "measure_s": round(measure_s, 2), "model_s": round(build_s, 3),
-            "search_s": round(measure_s + build_s + res.seconds, 2),  # measurements counted even when cached
-            "probes": probes,
-            "surrogate": res.objective, "variables": int(sum(len(o) for o in options)), "rank_multiple": step,
-            "min_fraction": min_fraction, "config": {k: v for k, v in vars(cfg).items()}}
+            "solve_s": round(res.seconds, 3), "measure_s": round(measure_s, 2),
+            "search_s": round(measure_s + rest_s, 2),  # measurements counted even when cached
+            "probes": probes + (len(trials) if trials else 0), "surrogate": res.objective, "variables": variables,
+            "rank_multiple": step, "min_fraction": min_fraction, "alpha": cfg.alpha, "gamma": cfg.gamma,
+            "tuning": trials, "config": {k: v for k, v in vars(cfg).items()}}
     return Allocation(ranks, info)
 
 
