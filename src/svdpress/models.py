@@ -78,7 +78,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     src = resolve_model(spec)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
+        tokenizer = _gguf_tokenizer(src) if src.gguf_file else AutoTokenizer.from_pretrained(src.path)
         if src.compressed:
             from .modeling_svdpress import load_factored
 
@@ -96,6 +96,40 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     return model, tokenizer, src
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SVDPRESS_CACHE", Path.home() / ".cache" / "svdpress"))
+
+
+def _gguf_tokenizer(src: ModelSource):
+    """The tokenizer of a .gguf file. transformers rebuilds it from the GGUF vocabulary in pure Python (~30 s
+    for a 49k vocabulary), so the converted tokenizer is cached on disk, keyed by the file's path, size and
+    mtime, and reloaded in well under a second. The cache is written atomically (temp dir + rename)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    f = Path(src.path) / src.gguf_file
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except (OSError, ValueError):
+            shutil.rmtree(cached, ignore_errors=True)  # corrupt cache: rebuild below
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home is not an error: we just convert again next time
+    return tok
 
 
 def _forget_gguf_quantization(model: nn.Module) -> None:
