@@ -115,6 +115,8 @@ def allocation_args(allocate: Optional[str], ranks: Optional[str], options: dict
     if allocate not in (None, "load"):
         raise SvdpressError(f"--ranks reuses a saved allocation (--allocate load); it cannot be combined with "
                             f"--allocate {allocate}")
+    if not Path(ranks).is_file():  # fail before calibration, not after it
+        raise SvdpressError(f"rank file {ranks} does not exist")
     return "load", {**options, "ranks": ranks}
 
 
