@@ -85,7 +85,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     d = CompressConfig()
     p.add_argument("--model", default=d.model, help="hub id, local dir, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--factorize", default=d.factorize, help="factorization method (svdpress methods lists them)")
-    p.add_argument("--allocate", default=d.allocate, help="rank allocation method")
+    p.add_argument("--allocate", default=None, help=f"rank allocation method (default {d.allocate}; load with --ranks)")
+    p.add_argument("--ranks", default=None, metavar="FILE.json",
+                   help="reuse the ranks.json of a previous run (implies --allocate load)")
     p.add_argument("--ratio", type=float, default=d.ratio,
                    help="kept fraction of the decoder linear layers' parameters, in (0, 1]")
     p.add_argument("--calib", default=d.calib, help="calibration text: wiki, c4, tiny, code or a file (first half)")
@@ -93,7 +95,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--calib-batch-size", type=int, default=d.calib_batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--rank-multiple", type=int, default=d.rank_multiple)
+    p.add_argument("--rank-multiple", type=int, default=d.rank_multiple,
+                   help="ranks are multiples of this (lems: 16 when left at 1; --opt rank_multiple=1 forces 1)")
     p.add_argument("--pivga", action="store_true", help="lossless gauge-fixed second compression (r² per layer)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
@@ -106,16 +109,31 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     add_eval_args(p)
 
 
+def allocation_args(allocate: Optional[str], ranks: Optional[str], options: dict[str, Any]) -> tuple[str, dict]:
+    """--ranks FILE is --allocate load --opt ranks=FILE; with another method it is a mistake."""
+    from .config import CompressConfig
+
+    if ranks is None:
+        return allocate or CompressConfig().allocate, options
+    if allocate not in (None, "load"):
+        raise SvdpressError(f"--ranks reuses a saved allocation (--allocate load); it cannot be combined with "
+                            f"--allocate {allocate}")
+    if not Path(ranks).is_file():  # fail before calibration, not after it
+        raise SvdpressError(f"rank file {ranks} does not exist")
+    return "load", {**options, "ranks": ranks}
+
+
 @subcommand("compress", _compress_args)
 def _compress(a: argparse.Namespace) -> int:
     from .config import CompressConfig
     from .pipeline import compress
 
     ppl, tasks = split_eval(a.eval)
-    cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=a.allocate, ratio=a.ratio, calib=a.calib,
+    allocate, options = allocation_args(a.allocate, a.ranks, parse_opts(a.opt))
+    cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
-                         pivga=a.pivga, device=a.device, dtype=a.dtype, options=parse_opts(a.opt),
+                         pivga=a.pivga, device=a.device, dtype=a.dtype, options=options,
                          stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()

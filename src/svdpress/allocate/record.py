@@ -29,23 +29,35 @@ def ranks_document(method: str, shapes: Mapping[str, LayerShape], ranks: Mapping
     }
 
 
-def read_ranks(path: str | Path) -> dict[str, Optional[int]]:
-    """{layer: rank or None}; a clear error for a missing or malformed file."""
+def read_layers(path: str | Path) -> dict[str, tuple[Optional[tuple[int, int]], Optional[int]]]:
+    """{layer: (shape [m, n] or None when absent, rank or None)}; a clear error for a missing or malformed file."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise SvdpressError(f"rank file {path} does not exist") from None
+    except IsADirectoryError:
+        raise SvdpressError(f"rank file {path} is a directory; give the ranks.json inside it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SvdpressError(f"rank file {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("layers"), dict):
         raise SvdpressError(f"rank file {path} is not in the {FORMAT} format")
-    out: dict[str, Optional[int]] = {}
+    out: dict[str, tuple[Optional[tuple[int, int]], Optional[int]]] = {}
     for name, entry in doc["layers"].items():
-        r = entry.get("rank") if isinstance(entry, dict) else None
-        if r is not None and (not isinstance(r, int) or r < 1):
+        if not isinstance(entry, dict):
+            raise SvdpressError(f"rank file {path}: layer {name} entry must be an object with shape and rank")
+        r, shape = entry.get("rank"), entry.get("shape")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise SvdpressError(f"rank file {path}: layer {name} has invalid rank {r!r}")
-        out[name] = r
+        if shape is not None and (not isinstance(shape, list) or len(shape) != 2
+                                  or not all(isinstance(x, int) and x > 0 for x in shape)):
+            raise SvdpressError(f"rank file {path}: layer {name} has invalid shape {shape!r}")
+        out[name] = (tuple(shape) if shape is not None else None, r)
     return out
+
+
+def read_ranks(path: str | Path) -> dict[str, Optional[int]]:
+    """{layer: rank or None}; a clear error for a missing or malformed file."""
+    return {name: r for name, (_, r) in read_layers(path).items()}
 
 
 def plot_ranks(doc: dict, title: str = "") -> bytes:

@@ -1,0 +1,160 @@
+"""Rank-search methods compared at equal size: wiki perplexity vs parameter ratio, with each method's search time.
+
+Protocol (COMMON.md): the model's spectra are computed ONCE (svd-llm, 32×512 calibration tokens of wiki's first
+half, seed 0); then for each ratio and method: allocate → build from the restored dense weights → perplexity on
+8192 tokens of wiki's second half in 1024-token windows. All methods share one measurement cache, so a layer
+sensitivity measured for one method is not measured again for another (each method still reports what its
+measurements cost: `search_s` includes them, `wall_s` is what this run spent).
+
+    python bench/allocation_search.py --methods uniform,lems --ratios 0.8 --device auto
+    python bench/allocation_search.py --opt lems.gamma=3 --opt lems.probe_samples=8
+
+Writes bench/results/allocation_search.json (after every run) and allocation_search.png (ppl vs ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
+from svdpress.cli import parse_opts  # noqa: E402
+from svdpress.config import EvalConfig, resolve_device  # noqa: E402
+from svdpress.data import calibration_samples  # noqa: E402
+from svdpress.lowrank import set_module  # noqa: E402
+from svdpress.models import find_targets, load_model  # noqa: E402
+from svdpress.params import count_params, dense_count  # noqa: E402
+from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
+from svdpress.table import table  # noqa: E402
+
+ALL = ("uniform", "atp", "asvd-threshold", "mrcs", "svd-llm-v2", "lems", "fermigrad")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--factorize", default="svd-llm")
+    p.add_argument("--methods", default=",".join(ALL), help="comma list; unregistered ones are skipped")
+    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--rank-multiple", type=int, default=1, help="for every method (lems uses 16 when this is 1)")
+    p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
+    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dense", action="store_true", help="also measure the dense model's perplexity")
+    p.add_argument("--spectra-cache", default=None, help="file to save/load the spectra (skips calibration)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation_search.json"))
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in parse_opts(pairs).items():
+        method, _, key = k.partition(".")
+        if not key:
+            raise SystemExit(f"--opt expects METHOD.KEY=VALUE, got {k}")
+        out.setdefault(method, {})[key] = v
+    return out
+
+
+def spectra_for(a, model, samples, device, progress):
+    path = Path(a.spectra_cache) if a.spectra_cache else None
+    if path and path.is_file():
+        return torch.load(path, weights_only=False), 0.0
+    t = time.perf_counter()
+    spectra = factorize_model(model, samples, a.factorize, device, Timer(), progress=progress)
+    seconds = time.perf_counter() - t
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(spectra, path)
+    return spectra, seconds
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in dict.fromkeys(r["method"] for r in results):
+        pts = sorted((r["achieved"], r["ppl"]) for r in results if r["method"] == m)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
+    ax.set(xlabel="kept parameter ratio (decoder linear layers)", ylabel="wiki perplexity", yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    progress = not a.no_progress
+    device = resolve_device(a.device)
+    methods = [m for m in a.methods.split(",") if m]
+    skipped = [m for m in methods if m not in ALLOCATORS]
+    methods = [m for m in methods if m in ALLOCATORS]
+    if skipped:
+        print(f"skipping unregistered methods: {', '.join(skipped)}")
+    opts = method_options(a.opt)
+    ratios = [float(r) for r in a.ratios.split(",")]
+
+    model, tok, _ = load_model(a.model)
+    samples, _ = calibration_samples(tok, "wiki", a.calib_samples, a.calib_seqlen, 0)
+    shapes = {t.name: t.shape for t in find_targets(model)}
+    spectra, factor_s = spectra_for(a, model, samples, device, progress)
+    originals = {name: model.get_submodule(name) for name in shapes}
+    ev = EvalConfig(ppl=("wiki",), seqlen=a.seqlen, limit=a.limit)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"model": a.model, "factorize": a.factorize, "device": device,
+                           "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
+                           "eval": f"wiki second half, {a.limit} tokens, seqlen {a.seqlen}",
+                           "factorize_s": round(factor_s, 1), "rank_multiple": a.rank_multiple, "options": opts,
+                           "results": []}
+    if a.dense:
+        doc["dense_ppl"] = evaluate_model(model, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
+    cache: dict = {}  # sensitivities shared by all methods and ratios
+    for ratio in ratios:
+        for m in methods:
+            problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), model,
+                                        samples, device, 0, progress, cache)
+            t = time.perf_counter()
+            alloc = allocate(problem, m)
+            wall = time.perf_counter() - t
+            build(model, spectra, alloc.ranks)
+            ppl = evaluate_model(model, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
+            for name, layer in originals.items():
+                set_module(model, name, layer)
+            row = {"method": m, "ratio": ratio, "achieved": count_params(shapes, alloc.ranks) / dense_count(shapes),
+                   "ppl": ppl, "search_s": float(alloc.info.get("search_s", wall)), "wall_s": round(wall, 2),
+                   "info": alloc.info, "ranks": alloc.ranks}
+            doc["results"].append(row)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            print(f"{m:>15} @ {ratio}: ppl {ppl:.2f} (achieved {row['achieved']:.4f}, search {row['search_s']:.1f}s)",
+                  flush=True)
+    rows = [[r["method"], r["ratio"], f"{r['achieved']:.4f}", f"{r['ppl']:.2f}", f"{r['search_s']:.1f}",
+             f"{r['wall_s']:.1f}"] for r in doc["results"]]
+    print(table(rows, ["method", "target", "achieved", "wiki ppl", "search s", "wall s"]))
+    if "dense_ppl" in doc:
+        print(f"dense ppl {doc['dense_ppl']:.2f}")
+    plot(doc["results"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

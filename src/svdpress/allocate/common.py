@@ -1,0 +1,109 @@
+"""Helpers shared by the search allocators: method settings from `--opt`, candidate ranks, and the last step
+every baseline takes to land on the budget to within one rank step (fill up / trim down).
+
+Search methods (ASVD's threshold, MRCS's greedy, ATP's schedule, SVD-LLM v2's formula) produce ranks that
+sit somewhat under (or, after rounding, over) the budget. Comparing them at "the same ratio" is only fair
+when each spends the same parameters, so each one ends with `fit_budget`, which moves single rank steps
+(in the method's own priority order) until no further step fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+from ..errors import SvdpressError
+from ..params import LayerShape, count_params, is_dense, layer_params
+from . import AllocationProblem
+
+C = TypeVar("C")
+
+
+def fill_config(cls: type[C], options: Mapping[str, Any], method: str, ignore: tuple[str, ...] = ()) -> C:
+    """The method's config dataclass filled from `--opt key=value`; an unknown key is a user error."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in options if k not in names and k not in ignore)
+    if unknown:
+        raise SvdpressError(f"unknown option(s) for --allocate {method}: {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(names))}")
+    kw = {k: v for k, v in options.items() if k in names}
+    cfg = cls(**kw)
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def step_of(problem: AllocationProblem, override: Optional[int] = None) -> int:
+    step = int(override) if override is not None else max(1, problem.rank_multiple)
+    if step < 1:
+        raise SvdpressError(f"rank multiple must be ≥ 1, got {step}")
+    return step
+
+
+def candidate_ranks(shape: LayerShape, step: int, min_fraction: float = 0.0) -> list[int]:
+    """Ranks k·step with min_fraction·r_be ≤ r < r_be (r_be = break-even rank); dense is the extra choice."""
+    lo = max(step, -(-int(min_fraction * shape.break_even) // step) * step)
+    return list(range(lo, shape.break_even, step))
+
+
+def rank_at(shape: LayerShape, fraction: float, step: int = 1) -> Optional[int]:
+    """Rank keeping `fraction` of the layer's parameters, r = ⌊f · r_be⌋ (to the step); None when dense."""
+    if fraction >= 1:
+        return None
+    r = max(step, int(fraction * shape.break_even) // step * step)
+    return None if is_dense(shape, r) else r
+
+
+def _up(shape: LayerShape, r: Optional[int], step: int) -> Optional[int]:
+    if r is None:
+        return None
+    nxt = r + step
+    return None if is_dense(shape, nxt) else nxt
+
+
+def _down(shape: LayerShape, r: Optional[int], step: int) -> Optional[int]:
+    if r is None:  # dense → the largest rank on the grid below break-even
+        top = (shape.break_even - 1) // step * step
+        return top if top >= step else None
+    return r - step if r - step >= step else None
+
+
+def fit_budget(problem: AllocationProblem, ranks: dict[str, Optional[int]], step: int,
+               priority: Callable[[str], float]) -> dict[str, Optional[int]]:
+    """Trim (lowest priority first) until under the budget, then fill (highest priority first, round-robin)
+    until no single rank step fits: the result is at most one step of one layer under the target."""
+    shapes, target = problem.shapes, problem.target
+    ranks = dict(ranks)
+    kept = count_params(shapes, ranks)
+    order = sorted(shapes, key=priority)  # ascending: least important first
+    while kept > target:
+        moved = False
+        for name in order:
+            r = _down(shapes[name], ranks[name], step)
+            if r is None:  # already at the smallest rank
+                continue
+            kept += layer_params(shapes[name], r) - layer_params(shapes[name], ranks[name])
+            ranks[name], moved = r, True
+            if kept <= target:
+                break
+        if not moved:
+            raise SvdpressError(f"ratio {problem.ratio} cannot be met with rank multiple {step}")
+    moved = True
+    while moved:
+        moved = False
+        for name in reversed(order):
+            if ranks[name] is None:
+                continue
+            r = _up(shapes[name], ranks[name], step)
+            extra = layer_params(shapes[name], r) - layer_params(shapes[name], ranks[name])
+            if kept + extra <= target:
+                ranks[name], kept, moved = r, kept + extra, True
+    return ranks
+
+
+def slack_ok(problem: AllocationProblem, ranks: Mapping[str, Optional[int]], step: int) -> bool:
+    """Under the budget by less than one rank step of the largest layer (what `fit_budget` guarantees)."""
+    kept = count_params(problem.shapes, ranks)
+    one_step = max(step * (s.m + s.n) for s in problem.shapes.values())
+    return kept <= problem.target and problem.target - kept < one_step
