@@ -32,7 +32,7 @@ class AllocationProblem:
     seed: int = 0
     progress: bool = True
     # measurements reusable across methods and ratios on the same model, spectra and samples (layer
-    # sensitivities): pass one dict to several problems to share them (bench/allocation_search.py does)
+    # sensitivities): pass one dict to several problems to share them (bench/allocation.py does)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
