@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate
+from svdpress.allocate import AllocationProblem, allocate
 from svdpress.allocate.common import slack_ok
 from svdpress.allocate.lems import LemsConfig, depth_bias, solve_mckp
 from svdpress.allocate.record import ranks_document

@@ -153,7 +153,6 @@ def _spectra(model, samples, cache_dir, method="kfac"):
 
 
 def test_stats_cache_hit_stale_and_corrupt(setup, tmp_path, monkeypatch):
-    import svdpress.stats_cache as sc
 
     calls = _counting(monkeypatch)
     model, samples, _, _ = setup

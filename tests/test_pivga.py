@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from svdpress.config import CompressConfig
 from svdpress.errors import SvdpressError
-from svdpress.lowrank import LowRankLinear, PivGaLinear
+from svdpress.lowrank import LowRankLinear
 from svdpress.models import find_targets
 from svdpress.params import LayerShape, count_params, layer_params, model_params
 from svdpress.pivga import apply_pivga, to_pivga

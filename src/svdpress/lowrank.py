@@ -112,10 +112,6 @@ class PivGaLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
@@ -127,7 +123,7 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
     """Swap in empty factored layers described by a saved spec {name: {"kind", "rank", ...}} before loading
     weights. Used by the svdpress loader and by the remote code, so both read the same format."""
     for name, spec in layers.items():
-        old = get_module(model, name)
+        old = model.get_submodule(name)
         dtype, device = old.weight.dtype, old.weight.device
         bias = old.bias is not None
         kind = spec.get("kind", "lowrank")

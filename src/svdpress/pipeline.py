@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .allocate import AllocationProblem, allocate
