@@ -8,32 +8,37 @@ with the same counting function that reports use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
-import torch.nn as nn
 
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
 from ..params import LayerShape, count_params, dense_count, is_dense
 from ..registry import Registry
 
+if TYPE_CHECKING:
+    from ..model import Runner
+
 
 @dataclass
 class AllocationProblem:
     shapes: dict[str, LayerShape]  # target layers, in model order
-    spectra: dict[str, LayerSpectrum]
+    spectra: Mapping[str, LayerSpectrum]  # a dict, or a SpectrumStore reading U, V from disk on access
     ratio: float  # kept / dense parameters of the target layers
     rank_multiple: int = 1
     options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (--opt key=value)
-    model: Optional[nn.Module] = None  # the dense model, for end-to-end methods
+    runner: Optional["Runner"] = None  # the dense model behind its runner, for methods that measure the model
     samples: Optional[torch.Tensor] = None  # calibration tokens (n, L)
-    device: str = "cpu"
     seed: int = 0
     progress: bool = True
     # measurements reusable across methods and ratios on the same model, spectra and samples (layer
     # sensitivities): pass one dict to several problems to share them (bench/allocation.py does)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device if self.runner is not None else torch.device("cpu")
 
     @property
     def dense(self) -> int:

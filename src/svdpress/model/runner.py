@@ -1,0 +1,508 @@
+"""The model runner: the one owner of placement. Every stage runs the model through it.
+
+It runs a causal LM as embed → block 0 → … → block L−1 → final norm → head on an execution device, under a
+memory budget, as llm-compressor's sequential pipeline and GPTQModel do:
+
+* `offload="none"`: the whole model sits on the device (moved there once, here).
+* `offload="cpu"`:  weights wait in CPU RAM; each block is moved to the device while it runs.
+* `offload="disk"`: weights stay in safetensors files (the checkpoint itself, or a temporary offload folder)
+  and the model's tensors are on the meta device; each block is read from disk while it runs and dropped after.
+* `offload="auto"`: none when the model fits the device budget, else cpu (GPU with enough RAM), else disk.
+
+Activations between blocks wait on the CPU when the device is a GPU and the model does not sit on it. A backward
+pass (gradient statistics, FermiGrad's ∂KL/∂μ) recomputes one block at a time from its saved input, as
+activation checkpointing with offload does, so peak memory is one block's weights and activations plus the
+statistics, whatever the depth. With `offload="none"` the same results come from one ordinary autograd graph.
+
+Losses over the vocabulary go through `head.py` in chunks; the embedding is looked up in chunks from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import SvdpressError
+from ..memory import MiB, available_cpu
+from .arch import ArchMap, arch_map
+from .head import Head
+from .weights import OffloadFolder, TensorSource
+
+OFFLOADS = ("auto", "none", "cpu", "disk")
+State = tuple[torch.Tensor, dict]  # (hidden states entering a block, the block's other arguments)
+Override = Callable[[nn.Module], nn.Module]  # materialized original layer -> the module to use in its place
+
+
+@dataclass
+class Placement:
+    device: str = "cpu"
+    offload: str = "auto"
+    max_memory: dict[str, int] = field(default_factory=dict)  # bytes per device: {"cpu": ..., "cuda:0": ...}
+    dtype: torch.dtype = torch.float32  # execution dtype of the weights (statistics stay float32/float64)
+    offload_dir: Optional[str] = None  # parent of the temporary offload folder
+
+    def check(self) -> "Placement":
+        if self.offload not in OFFLOADS:
+            raise SvdpressError(f"unknown --offload {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
+        return self
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `name` by `value` (frozen), keeping the Parameter/buffer kind."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
+
+
+class Runner:
+    """See the module docstring. Use as a context manager (or call `close()`): temporary folders are removed
+    and the model's requires_grad flags restored on exit, Ctrl-C included."""
+
+    def __init__(self, model: nn.Module, placement: Optional[Placement] = None, source: Optional[TensorSource] = None,
+                 arch: Optional[ArchMap] = None, targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> None:
+        self.model = model
+        self.placement = (placement or Placement()).check()
+        self.device = torch.device(self.placement.device)
+        self.dtype = self.placement.dtype
+        self.arch = arch or arch_map(model, targets, ignore)
+        self.blocks = self.arch.blocks(model)
+        self.source = source
+        self._folder: Optional[OffloadFolder] = None
+        self._flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self._aliases = self._tied_names()
+        self.offload = self._decide()
+        self._place()
+
+    # ---- placement ----------------------------------------------------------------------------------------
+
+    def _tied_names(self) -> dict[str, list[str]]:
+        """name -> every name of the same tensor (tied embeddings and LM head)."""
+        groups: dict[int, list[str]] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(n)
+        return {n: names for names in groups.values() for n in names}
+
+    def lazy(self) -> bool:
+        return any(_on_meta(p) for p in self.model.parameters())
+
+    def block_bytes(self) -> int:
+        item = torch.finfo(self.dtype).bits // 8
+        return max(sum(p.numel() for p in b.parameters()) * item for b in self.blocks)
+
+    def model_bytes(self) -> int:
+        item = torch.finfo(self.dtype).bits // 8
+        return sum(p.numel() for p in self.model.parameters()) * item
+
+    def budget(self) -> int:
+        """Bytes the execution device may hold (the --max-memory entry, else what it has)."""
+        mm = self.placement.max_memory
+        if self.device.type == "cuda":
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return mm.get(f"cuda:{idx}", int(torch.cuda.get_device_properties(idx).total_memory * 0.9))
+        return mm.get("cpu", int(available_cpu() * 0.8))
+
+    def _decide(self) -> str:
+        want = self.placement.offload
+        if want == "auto":
+            fits = self.model_bytes() * 1.2 < self.budget()
+            if fits:
+                want = "none"
+            elif self.device.type == "cuda" and self.model_bytes() < self.placement.max_memory.get(
+                    "cpu", available_cpu() * 0.8):
+                want = "cpu"
+            else:
+                want = "disk"
+        if want == "cpu" and self.lazy():
+            want = "disk"  # weights that were never loaded stay on disk rather than filling RAM
+        if want != "none":
+            need = int(self.block_bytes() * 1.5)
+            if self.budget() < need:
+                dev = "cpu" if self.device.type == "cpu" else str(self.device)
+                raise SvdpressError(f"--max-memory {dev}={self.budget() / 2**30:.2f}GiB is too small: one decoder "
+                                    f"block needs {self.block_bytes() / 2**30:.2f}GiB of weights; the smallest "
+                                    f"budget that works is about {need / 2**30:.2f}GiB")
+        return want
+
+    def _place(self) -> None:
+        if self.offload == "none":
+            if self.lazy():
+                self._materialize_all()
+            self.model.to(self.device)
+            return
+        if self.offload == "disk" and not self.lazy():
+            self._to_folder()
+        others = self._other_names()
+        if self.offload == "disk":
+            for name in others:
+                self._load(name, self.device)
+        else:  # cpu: blocks stay in RAM, the rest goes to the device
+            for name in others:
+                t = self._tensor(name)
+                _set_tensor(self.model, name, t.to(self.device))
+        for name, b in self.model.named_buffers():  # non-persistent buffers (rotary tables): small, on the device
+            if not _on_meta(b) and not name.startswith(self.arch.blocks_path + "."):
+                _set_tensor(self.model, name, b.to(self.device))
+
+    def _other_names(self) -> list[str]:
+        """Tensors outside the blocks, except the embedding and head matrices (looked up in chunks)."""
+        skip = {f"{self.arch.embed_path}.weight", f"{self.arch.head_path}.weight"}
+        skip |= {a for s in list(skip) for a in self._aliases.get(s, [])}
+        out = []
+        for name in self.model.state_dict(keep_vars=True):
+            if name.startswith(self.arch.blocks_path + ".") or name in skip:
+                continue
+            out.append(name)
+        return out
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        mod_name, _, leaf = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
+
+    def _read(self, name: str) -> torch.Tensor:
+        """A tensor from the source, by its name or a tied alias."""
+        for alias in [name] + self._aliases.get(name, []):
+            if self.source is not None and alias in self.source:
+                return self.source.get(alias)
+        raise SvdpressError(f"tensor {name} is not in the checkpoint's safetensors; streaming needs the "
+                            f"checkpoint's tensor names to match the model's: use --offload none or cpu")
+
+    def _load(self, name: str, device) -> None:
+        t = self._tensor(name)
+        value = self._read(name)
+        dtype = self.dtype if t.dtype.is_floating_point else t.dtype
+        _set_tensor(self.model, name, value.to(device=device, dtype=dtype))
+
+    def _materialize_all(self) -> None:
+        for name in self.model.state_dict(keep_vars=True):
+            if _on_meta(self._tensor(name)):
+                self._load(name, "cpu")
+        for n, names in self._aliases.items():  # re-tie: each alias was loaded as its own tensor
+            if len(names) > 1 and n == names[0]:
+                for other in names[1:]:
+                    mod_name, _, leaf = other.rpartition(".")
+                    setattr(self.model.get_submodule(mod_name), leaf, self._tensor(n))
+
+    def _to_folder(self) -> None:
+        """An in-memory model asked to stream from disk: its weights go to a temporary offload folder, block
+        by block, and its tensors to the meta device."""
+        self._folder = OffloadFolder(self.placement.offload_dir)
+        self.source = self.source or TensorSource()
+        sd = self.model.state_dict(keep_vars=True)
+        parts: dict[str, list[str]] = {}
+        seen: set[int] = set()
+        prefix = self.arch.blocks_path + "."
+        for name, t in sd.items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            part = name[len(prefix):].split(".")[0] if name.startswith(prefix) else "rest"
+            parts.setdefault(part, []).append(name)
+        for part, names in parts.items():
+            f = self._folder.write({n: sd[n].data for n in names})
+            self.source.add_file(f, names)
+            for n in names:
+                t = sd[n]
+                _set_tensor(self.model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        for names in self._aliases.values():
+            if len(names) > 1:
+                for other in names[1:]:
+                    if other not in self.source and names[0] in self.source:
+                        self.source.where[other] = self.source.where[names[0]]
+
+    # ---- blocks -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def block(self, i: int, overrides: Optional[Mapping[str, Override]] = None) -> Iterator[nn.Module]:
+        """Block i with its weights on the device (and `overrides` swapped in) for the duration."""
+        from ..lowrank import set_module
+
+        blk = self.blocks[i]
+        prefix = self.arch.block_prefix(i) + "."
+        loaded: list[str] = []
+        if self.offload == "disk":
+            for name, t in blk.state_dict(prefix=prefix, keep_vars=True).items():
+                if _on_meta(t):
+                    self._load(name, self.device)
+                    loaded.append(name)
+        elif self.offload == "cpu" and self.device.type != "cpu":
+            blk.to(self.device)
+        swapped = {}
+        try:
+            for name, make in (overrides or {}).items():
+                if name.startswith(prefix):
+                    swapped[name] = self.model.get_submodule(name)
+                    set_module(self.model, name, make(swapped[name]))
+            yield blk
+        finally:
+            for name, old in swapped.items():
+                set_module(self.model, name, old)
+            if self.offload == "disk":
+                for name in loaded:
+                    t = self._tensor(name)
+                    _set_tensor(self.model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+            elif self.offload == "cpu" and self.device.type != "cpu":
+                blk.to("cpu")
+
+    def run(self, blk: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        out = blk(h.to(self.device), **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    def park(self, t: torch.Tensor) -> torch.Tensor:
+        """Where activations wait between blocks: the CPU unless the whole model sits on the device."""
+        return t if self.offload == "none" else t.to("cpu")
+
+    def replace_block(self, i: int, module: nn.Module, tensors_file=None, names: Sequence[str] = ()) -> None:
+        """Install a new version of block i (e.g. factored). When streaming, its weights live in
+        `tensors_file` (safetensors, `names`) and the installed module is moved to the meta device."""
+        self.blocks[i] = module
+        if self.offload == "disk":
+            self.source.add_file(tensors_file, names)
+            module.to("meta")
+        elif self.offload == "cpu" and self.device.type != "cpu":
+            module.to("cpu")
+        else:
+            module.to(self.device)
+
+    # ---- embeddings and head ----------------------------------------------------------------------------
+
+    def embed_matrix_name(self) -> str:
+        return f"{self.arch.embed_path}.weight"
+
+    @torch.no_grad()
+    def embed(self, batches: Sequence[torch.Tensor]) -> list[State]:
+        """(hidden, kwargs) entering block 0 for each batch of token ids: the embedding lookup (in vocabulary
+        chunks from disk when streaming), then the model's own forward up to block 0, which builds the rotary
+        tables, the causal mask and anything else the blocks take (captured by a hook, then stopped)."""
+        emb = self.model.get_submodule(self.arch.embed_path)
+        hidden = [self._lookup(emb, ids) for ids in batches]
+        states: list[State] = []
+
+        def grab(_m, args, kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items()
+                      if k not in ("hidden_states", "past_key_value", "past_key_values")}
+            states.append((self.park(h), kwargs))
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for h in hidden:
+                try:
+                    self.model(inputs_embeds=h.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        return states
+
+    def _lookup(self, emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        if not _on_meta(emb.weight):
+            w = emb.weight
+            return emb(ids.to(w.device)).to(self.device)
+        name = self.embed_matrix_name()
+        V, d = emb.weight.shape
+        out = torch.zeros(*ids.shape, d, dtype=self.dtype)
+        flat = ids.reshape(-1)
+        step = max(1024, (64 * MiB) // max(d * 4, 1))
+        for a in range(0, V, step):
+            inside = (flat >= a) & (flat < a + step)
+            if inside.any():
+                rows = self._rows(name, a, min(a + step, V)).to(self.dtype)
+                out.view(-1, d)[inside] = rows[flat[inside] - a]
+        scale = getattr(emb, "embed_scale", None)
+        if scale is not None:
+            out = out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
+        return out.to(self.device)
+
+    def _rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        for alias in [name] + self._aliases.get(name, []):
+            if self.source is not None and alias in self.source:
+                return self.source.rows(alias, a, b)
+        raise SvdpressError(f"tensor {name} is not in the checkpoint's safetensors")
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm (identity for a model without one)."""
+        if self.arch.norm_path is None:
+            return h
+        return self.model.get_submodule(self.arch.norm_path)(h.to(self.device))
+
+    @property
+    def head(self) -> Head:
+        head = self.model.get_submodule(self.arch.head_path)
+        w = head.weight
+        bias = getattr(head, "bias", None)
+        bias = bias.to(self.device) if bias is not None and not _on_meta(bias) else None
+        if _on_meta(w):
+            name = f"{self.arch.head_path}.weight"
+            rows = lambda a, b: self._rows(name, a, b).to(self.device)  # noqa: E731
+        else:
+            rows = lambda a, b: w[a:b].to(self.device)  # noqa: E731
+        return Head(rows, w.shape[0], bias, self.arch.softcap)
+
+    # ---- whole passes -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, states: list[State], start: int = 0, stop: Optional[int] = None,
+                overrides: Optional[Mapping[str, Override]] = None, save_inputs: bool = False):
+        """Run every batch through blocks start..stop−1, block by block. Returns the outputs, and with
+        `save_inputs` also every block's inputs (inputs[b][j], parked)."""
+        stop = len(self.blocks) if stop is None else stop
+        hs = [s[0] for s in states]
+        inputs: list[list[torch.Tensor]] = []
+        for i in range(start, stop):
+            if save_inputs:
+                inputs.append(list(hs))
+            with self.block(i, overrides) as blk:
+                hs = [self.park(self.run(blk, h, kw)) for h, (_, kw) in zip(hs, states)]
+        return (hs, inputs) if save_inputs else hs
+
+    def backward(self, states: list[State], loss_fn: Callable[[int, torch.Tensor], torch.Tensor],
+                 overrides: Optional[Mapping[str, Override]] = None,
+                 hook: Optional[Callable[[int, nn.Module], list]] = None,
+                 on_block_done: Optional[Callable[[int], None]] = None) -> float:
+        """Σ_j loss_fn(j, h_j) over the batches, back-propagated through every block: leaves that require
+        grad (e.g. FermiGrad's μ inside `overrides`) accumulate .grad, and `hook(i, block)` may register hooks
+        that see each block's forward and backward (handles returned are removed after the block). h_j is the
+        last block's output on the device. Blocks run one at a time, recomputed from saved inputs, unless the
+        whole model sits on the device."""
+        if self.offload == "none":
+            return self._backward_resident(states, loss_fn, overrides, hook, on_block_done)
+        L = len(self.blocks)
+        with torch.no_grad():
+            hs, saved = self.forward(states, overrides=overrides, save_inputs=True)
+        grads, total = [], 0.0
+        for j, h in enumerate(hs):
+            x = h.to(self.device).detach().requires_grad_(True)
+            loss = loss_fn(j, x)
+            loss.backward()
+            total += float(loss.detach())
+            grads.append(self.park(x.grad))
+        del hs
+        for i in reversed(range(L)):
+            with self.block(i, overrides) as blk:
+                handles = hook(i, blk) if hook else []
+                try:
+                    for j, (_, kw) in enumerate(states):
+                        x = saved[i][j].to(self.device).detach().requires_grad_(True)
+                        out = self.run(blk, x, kw)
+                        torch.autograd.backward(out, grads[j].to(self.device))
+                        grads[j] = self.park(x.grad)
+                        saved[i][j] = None
+                finally:
+                    for hd in handles:
+                        hd.remove()
+            if on_block_done:
+                on_block_done(i)
+        return total
+
+    def _backward_resident(self, states, loss_fn, overrides, hook, on_block_done) -> float:
+        total = 0.0
+        with ExitStack() as stack:
+            blocks = [stack.enter_context(self.block(i, overrides)) for i in range(len(self.blocks))]
+            handles = [h for i, b in enumerate(blocks) for h in (hook(i, b) if hook else [])]
+            try:
+                for j, (h, kw) in enumerate(states):
+                    x = h.to(self.device).detach().requires_grad_(True)
+                    for b in blocks:
+                        x = self.run(b, x, kw)
+                    loss = loss_fn(j, x)
+                    loss.backward()
+                    total += float(loss.detach())
+            finally:
+                for hd in handles:
+                    hd.remove()
+        if on_block_done:
+            for i in reversed(range(len(self.blocks))):
+                on_block_done(i)
+        return total
+
+    @contextmanager
+    def streamed(self) -> Iterator[nn.Module]:
+        """The model itself, callable as usual (`model(input_ids)`, lm-eval, generate): blocks are brought to
+        the device by forward hooks one at a time; the embedding and head sit on the device meanwhile."""
+        if self.offload == "none":
+            yield self.model
+            return
+        big = [self.embed_matrix_name(), f"{self.arch.head_path}.weight"]
+        placed = []
+        handles = []
+        try:
+            for name in dict.fromkeys(big):
+                t = self._tensor(name)
+                if _on_meta(t):
+                    self._load(name, self.device)
+                else:
+                    _set_tensor(self.model, name, t.to(self.device))
+                placed.append((name, t))
+            for n, names in self._aliases.items():  # keep tied tensors tied while placed
+                if len(names) > 1 and n == names[0] and n in big:
+                    for other in names[1:]:
+                        mod_name, _, leaf = other.rpartition(".")
+                        setattr(self.model.get_submodule(mod_name), leaf, self._tensor(n))
+            for i, blk in enumerate(self.blocks):
+                ctx: list = []
+
+                def pre(_m, _a, i=i, ctx=ctx):
+                    ctx.append(self.block(i))
+                    ctx[-1].__enter__()
+
+                def post(_m, _a, _o, ctx=ctx):
+                    ctx.pop().__exit__(None, None, None)
+
+                handles += [blk.register_forward_pre_hook(pre), blk.register_forward_hook(post)]
+            yield self.model
+        finally:
+            for h in handles:
+                h.remove()
+            for name, t in placed:
+                _set_tensor(self.model, name, t)
+
+    # ---- identity, cleanup --------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every tensor (name, dtype, shape, bytes), the same whether resident or streamed."""
+        h = hashlib.sha256()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            v = self._read(name).to(t.dtype) if _on_meta(t) else t.detach()
+            v = v.contiguous().cpu()
+            h.update(name.encode())
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "offload": self.offload, "dtype": str(self.dtype).replace("torch.", ""),
+                "budget_mb": round(self.budget() / MiB), "block_mb": round(self.block_bytes() / MiB),
+                "model_mb": round(self.model_bytes() / MiB), "architecture": self.arch.model_type,
+                "declared": self.arch.declared}
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.close()
+            self._folder = None
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._flags.get(n, False) and not _on_meta(p))
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
