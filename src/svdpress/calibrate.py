@@ -1,14 +1,15 @@
 """Sequential, block-by-block calibration: the only place that runs calibration forwards.
 
-As in GPTQ, the model runs up to the first decoder block once; then each block in turn is moved to the device,
-fed the previous block's outputs, and its target layers' inputs are summarized by forward hooks. Only one
-block's activations live in memory at a time, so a model larger than the device is handled block by block.
+As in GPTQ, the model runs up to the first decoder block once; then each block in turn is brought to the device
+by the runner (model/runner.py), fed the previous block's outputs, and its target layers' inputs are summarized
+by forward hooks. Only one block's weights are needed at a time, so a model larger than memory is handled
+block by block.
 
 Layers that read the same input tensor (q/k/v; gate/up) share one `InputStats`: the hooks see the very same
 tensor object and accumulate it once. Accumulation is a float32 matmul per batch summed into float64.
 
-Methods that weight by the loss (kfac, fwsvd) also need `gradient_stats`: one forward + backward of the whole
-model per batch of samples (frozen parameters, so memory is one batch's activations plus the statistics).
+Methods that weight by the loss (kfac, fwsvd) also need `gradient_stats`: one forward + backward through the
+blocks (frozen parameters; per-block recomputation when streamed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .models import find_blocks, find_targets
+from .model.head import nll_sum
 
 
 @dataclass
@@ -58,75 +59,24 @@ class BlockStats:
     groups: list[list[str]]  # names of layers reading the same input
 
 
-class _Stop(Exception):
-    pass
+def _runner(model_or_runner, device="cpu"):
+    """A Runner for `model_or_runner` (an nn.Module gets one with the whole model on `device`)."""
+    from .model import Placement, Runner
+
+    if isinstance(model_or_runner, Runner):
+        return model_or_runner
+    return Runner(model_or_runner, Placement(device=str(device), offload="none"))
 
 
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+def iter_block_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 8, device="cpu",
+                     progress: bool = True) -> Iterator[BlockStats]:
+    """Yield each block's input statistics, in order, running the dense model block by block through the runner
+    (which decides where the block's weights come from and where activations wait in between)."""
+    runner = _runner(model_or_runner, device)
+    model = runner.model
+    states = runner.embed([samples[i:i + batch_size] for i in range(0, len(samples), batch_size)])
 
-
-def _move_outside_blocks(model: nn.Module, prefix: str, device) -> None:
-    """Move everything but the decoder blocks (embeddings, rotary, norms) to `device`."""
-    for name, child in model.named_modules():
-        if name and (name == prefix or name.startswith(prefix + ".")):
-            continue
-        for pname, p in list(child.named_parameters(recurse=False)) + list(child.named_buffers(recurse=False)):
-            p.data = p.data.to(device)
-
-
-@torch.no_grad()
-def block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int, device) -> list[tuple]:
-    """Run the model up to block 0 and capture (hidden_states, kwargs) for each batch of samples."""
-    prefix, blocks = find_blocks(model)
-    captured: list[tuple] = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_value", "past_key_values")}
-        captured.append((hidden, kwargs))
-        raise _Stop
-
-    _move_outside_blocks(model, prefix, device)
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, len(samples), batch_size):
-            try:
-                model(input_ids=samples[i:i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        _move_outside_blocks(model, prefix, "cpu" if device != "cpu" else device)
-    return captured
-
-
-def iter_block_stats(model: nn.Module, samples: torch.Tensor, batch_size: int = 8, device="cpu",
-                     progress: bool = True, offload: Optional[str] = None) -> Iterator[BlockStats]:
-    """Yield each block's input statistics, in order, running the dense model block by block.
-
-    `offload`: where block activations wait between blocks ("cpu" keeps GPU memory to one block's worth).
-    """
-    prefix, blocks = find_blocks(model)
-    targets = find_targets(model)
-    by_block: dict[int, list] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
-    home = next(model.parameters()).device
-    states = block_inputs(model, samples, batch_size, device)
-    park = offload or device
-    states = [(_to(h, park), kw) for h, kw in states]
-
-    for i in tqdm(range(len(blocks)), desc="calibrate", unit="block", disable=not progress):
-        block = blocks[i].to(device)
+    for i in tqdm(range(len(runner.blocks)), desc="calibrate", unit="block", disable=not progress):
         stats: dict[str, InputStats] = {}
         seen: list[tuple[torch.Tensor, InputStats]] = []  # input tensors of this batch (held: no address reuse)
 
@@ -142,18 +92,17 @@ def iter_block_stats(model: nn.Module, samples: torch.Tensor, batch_size: int = 
                 seen.append((x, s))
             return fn
 
-        handles = [model.get_submodule(t.name).register_forward_hook(hook(t.name, t.shape.n))
-                   for t in by_block.get(i, [])]
-        with torch.no_grad():
-            for j, (h, kw) in enumerate(states):
+        with runner.block(i) as _blk, torch.no_grad():
+            handles = [model.get_submodule(t.name).register_forward_hook(hook(t.name, t.shape.n))
+                       for t in runner.arch.in_block(i)]
+            try:
+                for j, (h, kw) in enumerate(states):
+                    seen.clear()
+                    states[j] = (runner.park(runner.run(_blk, h, kw)), kw)
+            finally:
                 seen.clear()
-                out = block(_to(h, device), **_to(kw, device))
-                out = out[0] if isinstance(out, tuple) else out
-                states[j] = (_to(out, park), kw)
-        seen.clear()
-        for hd in handles:
-            hd.remove()
-        blocks[i].to(home)
+                for hd in handles:
+                    hd.remove()
         yield _finish(i, stats)
 
 
@@ -186,23 +135,21 @@ GradStats = dict[str, dict[str, torch.Tensor]]
 
 
 class _GradAccumulator:
-    """Hooks on every target layer: the forward hook keeps the input x and registers a tensor hook on the
-    output y, which receives g = ∂L/∂y in the backward pass and adds g's statistics (float32 blocks summed into
+    """Hooks on target layers: the forward hook keeps the input x and registers a tensor hook on the output y,
+    which receives g = ∂L/∂y in the backward pass and adds g's statistics (float32 blocks summed into
     float64)."""
 
-    def __init__(self, model: nn.Module, device, fisher: bool) -> None:
-        self.fisher = fisher
+    def __init__(self, device, fisher: bool) -> None:
+        self.device, self.fisher = device, fisher
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
-        self.handles = [model.get_submodule(t.name).register_forward_hook(self._forward(t.name, t.shape.m, t.shape.n,
-                                                                                        device))
-                        for t in find_targets(model)]
 
-    def _forward(self, name: str, m: int, n: int, device):
+    def forward(self, name: str, m: int, n: int):
+        """The forward hook of one layer (registered by the runner's backward for the block being recomputed)."""
         def fn(_module, args, out):
             if not out.requires_grad:
                 return
             x = args[0].detach()
-            out.register_hook(lambda g: self._backward(name, m, n, device, x, g))
+            out.register_hook(lambda g: self._backward(name, m, n, self.device, x, g))
         return fn
 
     def _backward(self, name: str, m: int, n: int, device, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -216,41 +163,39 @@ class _GradAccumulator:
             s.setdefault("weight_fisher", torch.zeros(m, n, dtype=torch.float64, device=device))
             s["weight_fisher"] += (dW ** 2).sum(0).double()  # F += Σ_s (∂L_s/∂W)²
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
-
-def _next_token_nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """L = Σ_t −log p(x_{t+1} | x_≤t) over the batch (sum reduction, float32 log-softmax)."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                             reduction="sum")
-
-
-def gradient_stats(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, device="cpu",
-                   progress: bool = True, fisher: bool = True) -> GradStats:
+def gradient_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 4, device="cpu",
+                   progress: bool = True, fisher: bool = True, keep=None) -> GradStats:
     """Token-wise output-gradient factors G (and per-sequence weight Fisher F) of every target layer.
 
-    Parameters are frozen (no weight gradients are formed: the graph starts at the embedding output, which is
-    made to require grad), and samples run in batches of `batch_size`, so memory is one batch's activations plus
-    the statistics. The whole model is moved to `device` for the pass and back afterwards.
-    """
-    home = next(model.parameters()).device
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
-    acc = _GradAccumulator(model, device, fisher)
-    model.to(device)
-    try:
-        with torch.enable_grad():
-            for i in tqdm(range(0, len(samples), batch_size), desc="gradients", unit="batch", disable=not progress):
-                _next_token_nll_sum(model, samples[i:i + batch_size].to(device)).backward()
-    finally:
-        acc.remove()
-        emb.remove()
-        model.to(home)
-        for p, rg in frozen:
-            p.requires_grad_(rg)
-    return {name: {k: v.cpu() for k, v in s.items()} for name, s in acc.stats.items()}
+    The loss is the summed next-token NLL, computed over the vocabulary in chunks (model/head.py). The runner
+    back-propagates block by block (recomputing each block from its saved input when the model is streamed),
+    with parameters frozen, so memory is one block's weights and activations plus that block's statistics.
+    Each block's statistics are handed to `keep(name, stats)` as soon as its backward is done (default: moved
+    to the CPU and kept in the returned dict; a disk-backed store keeps them out of memory)."""
+    runner = _runner(model_or_runner, device)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    keep = keep or (lambda name, s: out.__setitem__(name, s))
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    states = runner.embed(batches)
+    acc = _GradAccumulator(runner.device, fisher)
+
+    def loss_fn(j: int, h: torch.Tensor) -> torch.Tensor:
+        ids = batches[j].to(h.device)
+        hn = runner.final(h)[:, :-1]
+        return nll_sum(runner.head, hn.reshape(-1, hn.shape[-1]), ids[:, 1:].reshape(-1))
+
+    def hook(i: int, _blk) -> list:
+        return [runner.model.get_submodule(t.name).register_forward_hook(acc.forward(t.name, t.shape.m, t.shape.n))
+                for t in runner.arch.in_block(i)]
+
+    def done(i: int) -> None:
+        for t in runner.arch.in_block(i):
+            if t.name in acc.stats:
+                keep(t.name, {k: v.cpu() for k, v in acc.stats.pop(t.name).items()})
+
+    bar = tqdm(total=len(runner.blocks), desc="gradients", unit="block", disable=not progress)
+    with torch.enable_grad():
+        runner.backward(states, loss_fn, hook=hook, on_block_done=lambda i: (done(i), bar.update()))
+    bar.close()
+    return out

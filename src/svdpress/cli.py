@@ -53,6 +53,34 @@ def add_eval_args(p: argparse.ArgumentParser, ppl_default: Optional[str] = "wiki
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
 
 
+def add_placement_args(p: argparse.ArgumentParser, device: str, dtype: str) -> None:
+    from .model import OFFLOADS
+
+    p.add_argument("--device", default=device, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=dtype, help="float32, bfloat16 or float16 (statistics stay float32/64)")
+    p.add_argument("--offload", choices=OFFLOADS, default="auto",
+                   help="where weights wait while one block runs: none (all on the device), cpu, disk (streamed "
+                        "from the safetensors), auto (stream when the model does not fit)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory budget per device, e.g. cuda:0=20GiB,cpu=8GiB")
+    p.add_argument("--offload-dir", default=None, help="where temporary offload folders go (default: system temp)")
+
+
+def placement_of(a: argparse.Namespace):
+    from .config import torch_dtype
+    from .memory import parse_max_memory
+    from .model import Placement
+
+    return Placement(device=resolve(a.device), offload=a.offload, max_memory=parse_max_memory(a.max_memory),
+                     dtype=torch_dtype(a.dtype), offload_dir=a.offload_dir).check()
+
+
+def resolve(device: str) -> str:
+    from .config import resolve_device
+
+    return resolve_device(device)
+
+
 def eval_config(a: argparse.Namespace, ppl: tuple[str, ...], tasks: tuple[str, ...]):
     from .config import EvalConfig
 
@@ -98,8 +126,10 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-multiple", type=int, default=d.rank_multiple,
                    help="ranks are multiples of this (lems: 16 when left at 1; --opt rank_multiple=1 forces 1)")
     p.add_argument("--pivga", action="store_true", help="lossless gauge-fixed second compression (r² per layer)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
+    add_placement_args(p, d.device, d.dtype)
+    p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS",
+                   help="layers to factor: re:REGEX or globs on the name, e.g. 're:.*mlp.*' or 'self_attn.*'")
+    p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor (same syntax)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
     p.add_argument("--stats-cache", default=None, help="directory caching calibration statistics")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
@@ -133,12 +163,11 @@ def _compress(a: argparse.Namespace) -> int:
     cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
-                         pivga=a.pivga, device=a.device, dtype=a.dtype, options=options,
+                         pivga=a.pivga, device=a.device, dtype=a.dtype, options=options, offload=a.offload,
+                         max_memory=a.max_memory, offload_dir=a.offload_dir, targets=a.targets, ignore=a.ignore,
                          stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
-    if a.out and Path(a.out).exists() and any(Path(a.out).iterdir()) and not a.overwrite:
-        raise SvdpressError(f"output directory {a.out} exists and is not empty; pass --overwrite to replace it")
     _, report = compress(None, cfg)
     print(summarize_compression(report))
     if a.out:
@@ -179,8 +208,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="'default', a hub id, a model directory (compressed or not) or a .gguf file")
     p.add_argument("--ppl", type=csv, default=None, help="texts to score, e.g. wiki,c4 (default wiki unless --tasks)")
     p.add_argument("--tasks", type=csv, default=(), help="zero-shot tasks, e.g. piqa,hellaswag")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
+    add_placement_args(p, "auto", "float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_eval_args(p)
@@ -188,16 +216,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("eval", _eval_args)
 def _eval(a: argparse.Namespace) -> int:
-    from .config import resolve_device, torch_dtype
+    from .evaluate.run import evaluate
+    from .model import Runner
     from .models import load_model
-    from .pipeline import evaluate_model
     from .table import table
 
     ppl = a.ppl if a.ppl is not None else (() if a.tasks else ("wiki",))
     cfg = eval_config(a, ppl, a.tasks)
-    device = resolve_device(a.device)
-    model, tok, src = load_model(a.target, torch_dtype(a.dtype), "cpu")
-    res = evaluate_model(model, tok, cfg, device, not a.no_progress)
+    placement = placement_of(a)
+    model, tok, src = load_model(a.target, placement.dtype, "cpu", lazy=placement.offload != "none")
+    with Runner(model, placement, src.tensors) as runner:
+        res = evaluate(runner, tok, cfg, not a.no_progress)
+        res["placement"] = runner.describe()
     res["model"] = a.target
     from .report import model_identity
 
@@ -279,8 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(_signum, _frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders go, nothing half-written stays
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker)
+        pass
     try:
         return args.run(args)
     except SvdpressError as e:

@@ -38,7 +38,12 @@ class CompressConfig:
     rank_multiple: int = 1
     pivga: bool = False
     device: str = "auto"  # "auto" = cuda if available
-    dtype: str = "float32"  # dtype the model is loaded in and the factors are saved in
+    dtype: str = "float32"  # dtype the model runs in and the factors are saved in (statistics: float32/float64)
+    offload: str = "auto"  # none | cpu | disk | auto (stream block by block when the model does not fit)
+    max_memory: Optional[str] = None  # per device, e.g. "cuda:0=20GiB,cpu=8GiB"
+    offload_dir: Optional[str] = None  # parent of temporary offload folders (default: the system's temp dir)
+    targets: tuple[str, ...] = ()  # layer patterns to factor (re:REGEX or globs); empty = every target
+    ignore: tuple[str, ...] = ()  # layer patterns never to factor
     options: dict[str, Any] = field(default_factory=dict)  # method settings, e.g. {"steps": 200}
     stats_cache: Optional[str] = None
     out: Optional[str] = None
@@ -58,7 +63,16 @@ class CompressConfig:
         if self.rank_multiple < 1:
             raise SvdpressError("--rank-multiple must be ≥ 1")
         torch_dtype(self.dtype)
+        self.placement("cpu")
         return self
+
+    def placement(self, device: str):
+        """The runner's placement for these settings on `device`."""
+        from .memory import parse_max_memory
+        from .model import Placement
+
+        return Placement(device=device, offload=self.offload, max_memory=parse_max_memory(self.max_memory),
+                         dtype=torch_dtype(self.dtype), offload_dir=self.offload_dir).check()
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -3,6 +3,11 @@
 The output is written to a temporary sibling directory and renamed into place at the end, so an interrupted
 run never leaves a half-written model behind. The remote-code files make the directory loadable by plain
 transformers (`trust_remote_code=True`).
+
+`ShardWriter` is the compression pipeline's export: each decoder block is written as its own safetensors shard
+the moment it is factored (the model is never gathered whole), then the remaining tensors (embeddings, norms,
+head), the index, config, tokenizer and manifest. `save()` writes an in-memory model in one go (used by
+`svdpress pivga`).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from .errors import SvdpressError
 from .lowrank import LAYER_KINDS
@@ -51,32 +57,123 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: Mapping[
          overwrite: bool = False, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write model + tokenizer + manifest to `out` atomically (temp dir, then rename)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SvdpressError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.config.svdpress = {"format": FORMAT_VERSION, "layers": factored_layers(model)}
         model.config.auto_map = {"AutoModelForCausalLM": "modeling_svdpress.SvdpressForCausalLM"}
-        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            del model.config.auto_map  # only the saved copy points at the remote code
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        here = Path(__file__).parent
-        for f in REMOTE_FILES:
-            shutil.copy(here / f, tmp / f)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        write_json(tmp / MANIFEST, manifest)
+        _write_common(tmp, manifest, extra_files)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if hasattr(model.config, "auto_map"):  # only the saved copy points at the remote code
-            del model.config.auto_map
     return out
+
+
+class ShardWriter:
+    """Write a model directory shard by shard into a temporary sibling of `out`; `finish` renames it into place.
+    Without `out` (nothing to save) the shards go to a temporary folder that `abort` removes."""
+
+    def __init__(self, out: Optional[str | os.PathLike], overwrite: bool = False) -> None:
+        self.out = Path(out) if out is not None else None
+        if self.out is not None:
+            check_out(self.out, overwrite)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix="svdpress-blocks-"))
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.count = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """One shard; returns its path (the runner reads a streamed block back from it)."""
+        self.count += 1
+        name = f"model-{self.count:05d}.safetensors"
+        data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(data, str(self.tmp / name), metadata={"format": "pt"})
+        for k, v in data.items():
+            self.weight_map[k] = name
+            self.total += v.numel() * v.element_size()
+        return self.tmp / name
+
+    def finish(self, runner, tokenizer, manifest: Mapping[str, Any],
+               extra_files: Mapping[str, bytes] | None = None) -> Path:
+        """The tensors outside the blocks (one shard each for the large ones), index, config, tokenizer, remote
+        code and manifest; then the atomic rename."""
+        model = runner.model
+        prefix = runner.arch.blocks_path + "."
+        small: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix) or id(t) in seen:
+                continue
+            seen.add(id(t))  # tied tensors are saved once, under their first name (transformers re-ties them)
+            value = runner.tensor_value(name)
+            if value.numel() * value.element_size() > 64 * 2**20:
+                self.add({name: value})
+            else:
+                small[name] = value
+            del value
+        if small:
+            self.add(small)
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_config(model, self.tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        _write_common(self.tmp, manifest, extra_files)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """An output directory we may write: not a file, not a non-empty directory unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise SvdpressError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SvdpressError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise SvdpressError(f"cannot write --out {out}: {probe} is not writable")
+
+
+def _write_config(model: nn.Module, folder: Path) -> None:
+    model.config.svdpress = {"format": FORMAT_VERSION, "layers": factored_layers(model)}
+    model.config.auto_map = {"AutoModelForCausalLM": "modeling_svdpress.SvdpressForCausalLM"}
+    try:
+        model.config.save_pretrained(folder)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(folder)
+    finally:
+        del model.config.auto_map  # only the saved copy points at the remote code
+
+
+def _write_common(folder: Path, manifest: Mapping[str, Any], extra_files: Mapping[str, bytes] | None) -> None:
+    here = Path(__file__).parent
+    for f in REMOTE_FILES:
+        shutil.copy(here / f, folder / f)
+    for name, data in (extra_files or {}).items():
+        (folder / name).write_bytes(data)
+    write_json(folder / MANIFEST, manifest)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

