@@ -119,9 +119,9 @@ def test_gradient_stats_matches_direct_computation(tokenizer):
             g = outs[n].grad[0].double()
             G[n] = G[n] + g.T @ g  # Σ_t g_t g_tᵀ
             F[n] = F[n] + model.get_submodule(n).weight.grad.double() ** 2  # (∂L_s/∂W)²
-    for n in names:
-        torch.testing.assert_close(stats[n]["out_grad"], G[n], rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(stats[n]["weight_fisher"], F[n], rtol=1e-4, atol=1e-10)
+    for n in names:  # the loss goes through the chunked-vocabulary head: float32 rounding relative to the scale
+        torch.testing.assert_close(stats[n]["out_grad"], G[n], rtol=1e-4, atol=1e-6 * float(G[n].abs().max()))
+        torch.testing.assert_close(stats[n]["weight_fisher"], F[n], rtol=1e-4, atol=1e-6 * float(F[n].abs().max()))
     assert all(p.requires_grad for p in model.parameters())  # parameters unfrozen again
 
 
@@ -147,9 +147,11 @@ def _counting(monkeypatch):
 
 
 def _spectra(model, samples, cache_dir, method="kfac"):
-    from svdpress.pipeline import Timer, factorize_model
+    from svdpress.model import Placement, Runner
+    from svdpress.pipeline import Stages, factorize_model
 
-    return factorize_model(model, samples, method, "cpu", Timer(), batch_size=4, progress=False, stats_cache=cache_dir)
+    with Runner(model, Placement(offload="none")) as runner:
+        return factorize_model(runner, samples, method, Stages(), batch_size=4, progress=False, stats_cache=cache_dir)
 
 
 def test_stats_cache_hit_stale_and_corrupt(setup, tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def test_save_load_gives_identical_logits(tiny_model, tokenizer, text_file, tmp_
     x = torch.randint(0, len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(input_ids=x).logits
-    assert (out / "svdpress.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "svdpress.json").is_file() and (out / "model.safetensors.index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
     loaded, _ = svdpress.load(str(out))
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)

@@ -14,6 +14,7 @@ blocks (frozen parameters; per-block recomputation when streamed).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -59,20 +60,28 @@ class BlockStats:
     groups: list[list[str]]  # names of layers reading the same input
 
 
-def _runner(model_or_runner, device="cpu"):
-    """A Runner for `model_or_runner` (an nn.Module gets one with the whole model on `device`)."""
+@contextmanager
+def using_runner(model_or_runner, device="cpu"):
+    """The runner of `model_or_runner`: itself, or for a plain nn.Module one with the whole model on `device`
+    (closed afterwards, which restores the model's requires_grad flags)."""
     from .model import Placement, Runner
 
     if isinstance(model_or_runner, Runner):
-        return model_or_runner
-    return Runner(model_or_runner, Placement(device=str(device), offload="none"))
+        yield model_or_runner
+        return
+    with Runner(model_or_runner, Placement(device=str(device), offload="none")) as runner:
+        yield runner
 
 
 def iter_block_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 8, device="cpu",
                      progress: bool = True) -> Iterator[BlockStats]:
     """Yield each block's input statistics, in order, running the dense model block by block through the runner
     (which decides where the block's weights come from and where activations wait in between)."""
-    runner = _runner(model_or_runner, device)
+    with using_runner(model_or_runner, device) as runner:
+        yield from _block_stats(runner, samples, batch_size, progress)
+
+
+def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool) -> Iterator[BlockStats]:
     model = runner.model
     states = runner.embed([samples[i:i + batch_size] for i in range(0, len(samples), batch_size)])
 
@@ -173,7 +182,11 @@ def gradient_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 4, 
     with parameters frozen, so memory is one block's weights and activations plus that block's statistics.
     Each block's statistics are handed to `keep(name, stats)` as soon as its backward is done (default: moved
     to the CPU and kept in the returned dict; a disk-backed store keeps them out of memory)."""
-    runner = _runner(model_or_runner, device)
+    with using_runner(model_or_runner, device) as runner:
+        return _gradient_stats(runner, samples, batch_size, progress, fisher, keep)
+
+
+def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> GradStats:
     out: dict[str, dict[str, torch.Tensor]] = {}
     keep = keep or (lambda name, s: out.__setitem__(name, s))
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]

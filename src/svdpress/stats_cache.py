@@ -40,9 +40,10 @@ def _sha256_tensor(h, t: torch.Tensor) -> None:
 def model_fingerprint(model_or_runner) -> str:
     """SHA-256 over every parameter and buffer of the model, with their names, dtypes and shapes (the same
     whether the weights are in memory or streamed from disk: the runner reads them either way)."""
-    from .calibrate import _runner
+    from .calibrate import using_runner
 
-    return _runner(model_or_runner).fingerprint()
+    with using_runner(model_or_runner) as runner:
+        return runner.fingerprint()
 
 
 def data_fingerprint(samples: torch.Tensor) -> str:

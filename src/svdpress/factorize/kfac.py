@@ -22,7 +22,7 @@ import torch
 from ..calibrate import InputStats
 from ..errors import SvdpressError
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import cholesky, whitener
+from .whiten import add_diagonal, cholesky, whitener
 
 DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
 
@@ -30,7 +30,7 @@ DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
 def damped(G: torch.Tensor, damping: float) -> torch.Tensor:
     """G + δ·mean(diag G)·I (float64)."""
     G = G.double()
-    return G + damping * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return add_diagonal(G, float(damping * G.diagonal().mean()))
 
 
 def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING) -> LayerSpectrum:
