@@ -84,6 +84,7 @@ class Runner:
         self.blocks = self.arch.blocks(model)
         self.source = source
         self._folder: Optional[OffloadFolder] = None
+        self._head: Optional[torch.Tensor] = None  # the LM head matrix, when streamed but small enough to keep
         self._flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         self._aliases = self._tied_names()
@@ -376,7 +377,13 @@ class Runner:
         bias = bias.to(self.device) if bias is not None and not _on_meta(bias) else None
         if _on_meta(w):
             name = f"{self.arch.head_path}.weight"
-            rows = lambda a, b: self._rows(name, a, b).to(self.device)  # noqa: E731
+            if w.numel() * w.element_size() * 4 <= self.budget():  # small enough to keep: read it once
+                if self._head is None:
+                    self._head = self._read(name).to(device=self.device, dtype=w.dtype)
+                cached = self._head
+                rows = lambda a, b: cached[a:b]  # noqa: E731
+            else:  # larger than a quarter of the budget: read the rows of each chunk when needed
+                rows = lambda a, b: self._rows(name, a, b).to(self.device)  # noqa: E731
         else:
             rows = lambda a, b: w[a:b].to(self.device)  # noqa: E731
         return Head(rows, w.shape[0], bias, self.arch.softcap)
@@ -519,6 +526,7 @@ class Runner:
                 "declared": self.arch.declared}
 
     def close(self) -> None:
+        self._head = None
         if self._folder is not None:
             self._folder.close()
             self._folder = None
