@@ -1,4 +1,5 @@
-"""FermiGrad: the soft mask, the smooth count, the budget, and that training moves μ where it should."""
+"""FermiGrad: the soft mask, the smooth count, the budget, the chunked KL, that training moves μ where it should, and
+that streaming the model from disk gives the same μ and ranks as holding it whole."""
 
 from __future__ import annotations
 
@@ -6,21 +7,28 @@ import pytest
 import torch
 
 from svdpress.allocate import AllocationProblem, allocate
-from svdpress.allocate.fermigrad import (FermiGradConfig, FermiLinear, hard_ranks, mu_max, smooth_params,
-                                         smooth_rank)
+from svdpress.allocate.fermigrad import (FermiGradConfig, FermiLinear, hard_ranks, initial_theta, mu_max,
+                                         rank_scales, smooth_params, smooth_rank, topk_kl, train)
 from svdpress.errors import SvdpressError
-from svdpress.models import find_targets
+from svdpress.factorize import spectrum_from_svd
+from svdpress.model import Head, Placement, Runner, arch_map
 from svdpress.params import LayerShape, count_params, layer_params
-from svdpress.pipeline import Timer, factorize_model
 
 FAST = {"steps": 30, "samples": 4, "seqlen": 32, "batch_size": 2, "lr": 0.05, "r_min": 2, "top_k": 16}
 
 
-def make_problem(model, calib, ratio, options=None):
-    spectra = factorize_model(model, calib, "svd-llm", "cpu", Timer(), batch_size=4, progress=False)
-    shapes = {t.name: t.shape for t in find_targets(model)}
-    return AllocationProblem(shapes, spectra, ratio, options=dict(options or {}), model=model, samples=calib,
-                             progress=False)
+def spectra_of(model):
+    """Plain SVD spectra of every target layer (no calibration: fast, and independent of the pipeline)."""
+    return {t.name: spectrum_from_svd(model.get_submodule(t.name).weight.detach().double())
+            for t in arch_map(model).targets}
+
+
+def make_problem(model, calib, ratio, options=None, spectra=None, offload="none"):
+    """The problem on `model` behind its runner (close `p.runner` to give the model its gradient flags back)."""
+    spectra = spectra if spectra is not None else spectra_of(model)
+    runner = Runner(model, Placement(offload=offload))
+    return AllocationProblem(runner.arch.shapes(), spectra, ratio, options=dict(options or {}), runner=runner,
+                             samples=calib, progress=False)
 
 
 def layer_io(model, calib, name):
@@ -90,9 +98,10 @@ def sharp_llama(vocab: int, scale: dict[str, float] | None = None):
 def test_final_ranks_meet_the_budget_never_above(tokenizer, calib, ratio):
     model = sharp_llama(len(tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    modules = {t.name: model.get_submodule(t.name) for t in find_targets(model)}
     p = make_problem(model, calib, ratio, FAST)
-    alloc = allocate(p, "fermigrad")
+    modules = {name: model.get_submodule(name) for name in p.shapes}
+    with p.runner:
+        alloc = allocate(p, "fermigrad")
     kept = count_params(p.shapes, alloc.ranks)
     assert kept <= p.target
     step = max(s.m + s.n for s in p.shapes.values())
@@ -101,7 +110,7 @@ def test_final_ranks_meet_the_budget_never_above(tokenizer, calib, ratio):
     assert info["steps"] == FAST["steps"] and set(info["mu"]) == set(p.shapes)
     # on the tokens it trained on, the hard-cut allocation beats uniform's KL at the same budget
     assert info["kl_fermigrad"] < info["kl_uniform"], (info["kl_fermigrad"], info["kl_uniform"])
-    # the dense model is back, untouched: same modules, same weights, gradient flags as they were
+    # the dense model is untouched: same modules, same weights, gradient flags as they were (runner closed)
     for name, m in modules.items():
         assert model.get_submodule(name) is m
     for k, v in model.state_dict().items():
@@ -126,7 +135,8 @@ def test_a_layer_with_tiny_singular_values_loses_rank(tokenizer, calib):
     mu = {}
     for s in (1.0, 1e-3):
         p = make_problem(sharp_llama(len(tokenizer), {layer: s}), calib, 0.6, FAST)
-        mu[s] = allocate(p, "fermigrad").info["mu"][layer]
+        with p.runner:
+            mu[s] = allocate(p, "fermigrad").info["mu"][layer]
     shape = p.shapes[layer]
     uniform_rank = 0.6 * shape.m * shape.n / (shape.m + shape.n)
     assert mu[1e-3] < uniform_rank - 2, mu
@@ -142,3 +152,85 @@ def test_options_are_checked():
         FermiGradConfig.from_options({"init": "random"})
     cfg = FermiGradConfig.from_options({"steps": "7", "temperature": 0.02, "report_uniform_kl": "false"})
     assert cfg.steps == 7 and cfg.temperature == 0.02 and cfg.report_uniform_kl is False
+
+
+def full_logits_topk_kl(logits, t_idx, t_logp):
+    """The KL as it was computed before the runner: from the logits of every token over the whole vocabulary."""
+    q = torch.log_softmax(logits.float(), -1)
+    q_top = q.gather(-1, t_idx)
+    p_top = t_logp.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p_top * (t_logp - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean()
+
+
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, 3.0)])
+def test_chunked_kl_equals_the_full_logits_formula(bias, softcap):
+    g = torch.Generator().manual_seed(0)
+    T, d, V, k = 24, 16, 1000, 8
+    W = torch.randn(V, d, generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    teacher = torch.randn(T, V, generator=g) * 3
+    t_logp, t_idx = torch.log_softmax(teacher, -1).topk(k, -1)
+    head = Head(lambda a, c: W[a:c], V, b, softcap, elements=T * 300)  # 300 columns a chunk: 4 chunks
+    assert len(head.spans(T)) == 4
+    h = (torch.randn(T, d, generator=g) * 0.5).requires_grad_(True)
+    kl = topk_kl(head, h, t_idx, t_logp)
+    (grad,) = torch.autograd.grad(kl, h)
+
+    h_ref = h.detach().clone().requires_grad_(True)
+    z = h_ref @ W.T + (b if bias else 0)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    ref = full_logits_topk_kl(z, t_idx, t_logp)
+    (grad_ref,) = torch.autograd.grad(ref, h_ref)
+    assert float(ref.detach()) > 1e-2  # a KL worth comparing
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6 * float(grad_ref.abs().max()))
+
+
+def test_streaming_from_disk_gives_the_same_mu_and_ranks(tokenizer, calib, monkeypatch):
+    """The same tiny Llama (a fresh copy per mode: a disk runner moves an in-memory model's weights to an offload
+    folder and leaves the model on meta) and the same spectra: held whole or streamed block by block from disk,
+    a few FermiGrad steps give the same μ, the same ranks and the same KLs. Held whole, every mask is built once;
+    streamed, a block's masks are built each time the block is materialized."""
+    import svdpress.allocate.fermigrad as fg
+
+    built = []
+
+    class Counted(FermiLinear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(fg, "FermiLinear", Counted)
+    opts = {"steps": 3, "samples": 4, "seqlen": 32, "batch_size": 2, "lr": 0.05, "r_min": 2, "top_k": 16}
+    cfg = FermiGradConfig.from_options(opts)
+    spectra = spectra_of(sharp_llama(len(tokenizer)))
+    runs, allocs, builds = {}, {}, {}
+    for offload in ("none", "disk"):
+        model = sharp_llama(len(tokenizer))
+        p = make_problem(model, calib, 0.6, opts, spectra=spectra, offload=offload)
+        with p.runner as runner:
+            assert runner.offload == offload
+            if offload == "disk":  # really streamed: no weight of a block is in memory between blocks
+                assert all(q.device.type == "meta" for q in runner.blocks.parameters())
+            originals = {name: model.get_submodule(name) for name in p.shapes}
+            built.clear()
+            runs[offload] = train(p, cfg)  # μ unrounded (the record rounds it to 1e-3)
+            builds[offload] = len(built)
+            allocs[offload] = allocate(p, "fermigrad")
+            assert all(model.get_submodule(name) is m for name, m in originals.items())
+    assert builds["none"] == len(p.shapes)
+    assert builds["disk"] == 2 * cfg.steps * len(p.shapes)  # forward, then the block's recomputation, every step
+    a, b = runs["none"], runs["disk"]
+    mu0 = dict(zip(p.shapes, (initial_theta(p, cfg).double() * rank_scales(p)).tolist()))
+    assert max(abs(a["mu"][n] - mu0[n]) for n in mu0) > 0.5  # the steps moved μ: the comparison is not vacuous
+    for name in a["mu"]:
+        assert b["mu"][name] == pytest.approx(a["mu"][name], rel=1e-5), name
+        assert b["dkl_dmu"][name] == pytest.approx(a["dkl_dmu"][name], rel=1e-4, abs=1e-9), name
+    assert [h["kl"] for h in b["history"]] == pytest.approx([h["kl"] for h in a["history"]], rel=1e-5)
+    assert allocs["disk"].ranks == allocs["none"].ranks
+    for key in ("final_kl", "kl_fermigrad", "kl_uniform"):
+        assert allocs["disk"].info[key] == pytest.approx(allocs["none"].info[key], rel=1e-5), key

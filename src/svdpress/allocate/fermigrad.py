@@ -21,9 +21,16 @@ the smooth count therefore over-prices a layer; the hard cut then stores such a 
 factors) and the budget it frees is refilled greedily. As T → 0 the smooth count equals the hard count for every
 rank below break-even (tests check both).
 
-After training the original dense modules are put back (the pipeline builds the low-rank model next), ranks are cut
-at round(μ_l), and a greedy trim/fill meets the budget exactly, never above it. Its damage estimate for one rank of
-layer l is g_l·S_j²/S_{r_l}², the measured ∂KL/∂μ_l at the final μ scaled by the spectrum's own decay.
+The model runs through its runner (`svdpress.model`), so FermiGrad works whatever the placement: the windows are
+embedded once, the teacher's top-k is cached from one pass through the dense blocks, and every step back-propagates
+the KL block by block (`Runner.backward`) with the target layers replaced by FermiLinear masks sharing θ while their
+block runs (`overrides`). The dense modules are never swapped out of the model. The KL is computed from two small
+things per token, lse_t = log Σ_v exp(s_tv) and the student's logits at the teacher's top-k indices, gathered over
+vocabulary chunks (`model.head.gather_lse`): the logits of all tokens are never held at once.
+
+After training, ranks are cut at round(μ_l), and a greedy trim/fill meets the budget exactly, never above it. Its
+damage estimate for one rank of layer l is g_l·S_j²/S_{r_l}², the measured ∂KL/∂μ_l at the final μ scaled by the
+spectrum's own decay.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import heapq
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -41,9 +49,12 @@ from tqdm.auto import tqdm
 
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
-from ..lowrank import set_module
+from ..model.head import Head, gather_lse, topk_logprobs
 from ..params import LayerShape, count_params, dense_count, layer_params
 from . import ALLOCATORS, Allocation, AllocationProblem
+
+if TYPE_CHECKING:
+    from ..model import Runner, State
 
 
 @dataclass
@@ -183,24 +194,29 @@ class FermiLinear(nn.Module):
 
 
 @torch.no_grad()
-def teacher_topk(model: nn.Module, windows: torch.Tensor, batch_size: int, k: int, device) -> tuple[torch.Tensor, ...]:
-    """The dense model's top-k next-token log-probs per position: (indices int64, log-probs float32), each
-    (n, L, k). Cached once, so no second model is held while the student trains."""
-    idx, val = [], []
-    for i in range(0, len(windows), batch_size):
-        logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits.float()
-        top = torch.log_softmax(logits, -1).topk(min(k, logits.shape[-1]), dim=-1)
-        idx.append(top.indices)
-        val.append(top.values)
-    return torch.cat(idx), torch.cat(val)
+def teacher_topk(runner: "Runner", states: list[State], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The dense model's top-k next-token log-probs for every token of each batch of states: (indices int64,
+    log-probs float32), each (T, k) with T the batch's tokens, parked by the runner. One pass through the dense
+    blocks, the final norm, and the head over vocabulary chunks; cached once, so no second model is held while
+    the student trains."""
+    head = runner.head
+    out = []
+    for h in runner.forward(states):
+        h = runner.final(h)
+        idx, logp = topk_logprobs(head, h.reshape(-1, h.shape[-1]), k)
+        out.append((runner.park(idx), runner.park(logp)))
+    return out
 
 
-def topk_kl(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+def topk_kl(head: Head, h: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(p ‖ q) between teacher p and student q coarse-grained to the teacher's top-k
     tokens plus one bucket for the rest of the vocabulary: Σ_top p (log p − log q) + p_rest log(p_rest/q_rest).
-    A lower bound of the full KL (coarse-graining never increases it), exact for the tokens that matter."""
-    q = torch.log_softmax(student_logits.float(), -1)
-    q_top = q.gather(-1, t_idx)
+    A lower bound of the full KL (coarse-graining never increases it), exact for the tokens that matter.
+
+    h (T, d): the student's hidden states after the final norm; t_idx, t_logp (T, k): the teacher's top-k.
+    log q_t,i = s_t,i − lse_t from `gather_lse` (the vocabulary in chunks); differentiable in h."""
+    lse, s = gather_lse(head, h, t_idx)
+    q_top = s - lse[:, None]
     p_top = t_logp.exp()
     p_rest = (1 - p_top.sum(-1)).clamp_min(1e-12)
     q_rest = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
@@ -222,37 +238,40 @@ def fermi_windows(samples: torch.Tensor, n: int, seqlen: int, seed: int) -> torc
 # Training
 
 
-class MaskedModel:
-    """Swaps every target layer for a FermiLinear sharing one parameter vector θ (μ_l = θ_l·scale_l), and swaps
-    the original modules back on `restore()` (the very same objects, so the dense model is untouched)."""
+class FermiMasks:
+    """One parameter vector θ shared by a FermiLinear per target layer (μ_l = θ_l·scale_l), given to the runner
+    as `overrides`: while a block runs, its target layers are FermiLinear masks; the dense modules stay in the
+    model, untouched. On a resident model (offload "none") each mask is built once and reused; when streaming,
+    a mask is built from the spectrum on the execution device each time its block is materialized, so the
+    device holds one block's spectra at a time."""
 
-    def __init__(self, model: nn.Module, problem: AllocationProblem, cfg: FermiGradConfig, theta0: torch.Tensor,
-                 device) -> None:
-        self.model, self.names = model, list(problem.shapes)
+    def __init__(self, problem: AllocationProblem, cfg: FermiGradConfig, theta0: torch.Tensor) -> None:
+        self.runner = problem.runner
+        self.names = list(problem.shapes)
         self.scales = rank_scales(problem)
-        self.theta = nn.Parameter(theta0.clone().to(device))
-        self.originals: dict[str, nn.Module] = {}
-        self.layers: dict[str, FermiLinear] = {}
-        for i, name in enumerate(self.names):
-            old = model.get_submodule(name)
-            self.originals[name] = old
-            new = FermiLinear(problem.spectra[name], old.bias, self.theta, i, cfg.temperature, cfg.cutoff,
-                              float(self.scales[i]), device)
-            self.layers[name] = new
-            set_module(model, name, new)
+        self.theta = nn.Parameter(theta0.clone().to(self.runner.device))
+        self.spectra, self.cfg = problem.spectra, cfg
+        self.resident = self.runner.offload == "none"
+        self.layers: dict[str, FermiLinear] = {}  # the reused masks (resident model only)
+        self.hard: Optional[Mapping[str, Optional[int]]] = None
 
-    def swap_in(self) -> None:
-        for name, layer in self.layers.items():
-            set_module(self.model, name, layer)
+    def _make(self, name: str, index: int, original: nn.Module) -> FermiLinear:
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = FermiLinear(self.spectra[name], original.bias, self.theta, index, self.cfg.temperature,
+                                self.cfg.cutoff, float(self.scales[index]), self.runner.device)
+            if self.resident:
+                self.layers[name] = layer
+        layer.hard_rank = None if self.hard is None else (self.hard.get(name) or layer.N)
+        return layer
 
-    def restore(self) -> None:
-        for name, old in self.originals.items():
-            set_module(self.model, name, old)
+    def overrides(self) -> dict[str, Callable[[nn.Module], nn.Module]]:
+        """Target layer name → factory of its mask (for `Runner.forward` / `Runner.backward`)."""
+        return {name: partial(self._make, name, i) for i, name in enumerate(self.names)}
 
     def set_hard(self, ranks: Optional[Mapping[str, Optional[int]]]) -> None:
         """Hard cut at `ranks` (None rank = dense = full rank), or back to the soft masks with `ranks=None`."""
-        for name, layer in self.layers.items():
-            layer.hard_rank = None if ranks is None else (ranks.get(name) or layer.N)
+        self.hard = None if ranks is None else dict(ranks)
 
 
 def rank_scales(problem: AllocationProblem) -> torch.Tensor:
@@ -287,65 +306,70 @@ def total_smooth_params(theta: torch.Tensor, scales: torch.Tensor, shapes: list[
 
 
 @torch.no_grad()
-def mean_kl(model: nn.Module, windows: torch.Tensor, t_idx, t_logp, batch_size: int, device) -> float:
-    total = 0.0
-    for i in range(0, len(windows), batch_size):
-        logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits
-        n = len(windows[i:i + batch_size])
-        total += float(topk_kl(logits, t_idx[i:i + batch_size].to(device), t_logp[i:i + batch_size].to(device))) * n
-    return total / len(windows)
+def mean_kl(runner: "Runner", states: list[State], teacher: list[tuple[torch.Tensor, torch.Tensor]],
+            overrides: Optional[Mapping[str, Callable[[nn.Module], nn.Module]]] = None) -> float:
+    """`topk_kl` averaged over every window of `states` (all windows have the same length, so this is the mean
+    over tokens), the target layers replaced by `overrides` while their block runs."""
+    head = runner.head
+    total, n = 0.0, 0
+    for h, (t_idx, t_logp) in zip(runner.forward(states, overrides=overrides), teacher):
+        z = runner.final(h)
+        kl = topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx.to(z.device), t_logp.to(z.device))
+        total += float(kl) * z.shape[0]
+        n += z.shape[0]
+    return total / n
 
 
 def train(problem: AllocationProblem, cfg: FermiGradConfig) -> dict[str, Any]:
     """Train the chemical potentials; returns μ per layer, ∂KL/∂μ per layer (averaged over the last quarter of
-    the steps) and the record of the run. The model comes back with its original modules."""
-    model, device = problem.model, problem.device
-    if model is None or problem.samples is None:
-        raise SvdpressError("fermigrad needs the model and calibration samples (run it through compress())")
+    the steps) and the record of the run. The windows are cut into fixed batches of `batch_size` and embedded
+    once (block-0 states do not depend on μ); the model's modules are never replaced."""
+    runner = problem.runner
+    if runner is None or problem.samples is None:
+        raise SvdpressError("fermigrad needs the model's runner and calibration samples (run it through compress())")
     windows = fermi_windows(problem.samples, cfg.samples, cfg.seqlen, problem.seed)
-    home = next(model.parameters()).device
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.to(device)
-    model.requires_grad_(False)
     t0 = time.perf_counter()
-    masked = None
-    try:
-        t_idx, t_logp = teacher_topk(model, windows, cfg.batch_size, cfg.top_k, device)
-        masked = MaskedModel(model, problem, cfg, initial_theta(problem, cfg), device)
-        run = _descend(masked, problem, cfg, windows, t_idx, t_logp)
-        run.update(windows=windows, t_idx=t_idx, t_logp=t_logp, masked=masked, train_s=time.perf_counter() - t0)
-        return run
-    finally:
-        if masked is not None:
-            masked.restore()
-        model.to(home)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
+    states = runner.embed(list(windows.split(cfg.batch_size)))
+    teacher = teacher_topk(runner, states, cfg.top_k)
+    masks = FermiMasks(problem, cfg, initial_theta(problem, cfg))
+    run = _descend(masks, problem, cfg, states, teacher)
+    run.update(windows=windows, states=states, teacher=teacher, masks=masks, train_s=time.perf_counter() - t0)
+    return run
 
 
-def _descend(masked: MaskedModel, problem: AllocationProblem, cfg: FermiGradConfig, windows, t_idx,
-             t_logp) -> dict[str, Any]:
+def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig, states: list[State],
+             teacher: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """Normalized momentum descent on θ: v ← β·v + g, θ ← θ − η_t·v/rms(v), clipped to the box.
 
     Not Adam: Adam divides every coordinate by its own gradient scale, so while the budget penalty dominates all
     layers move at the same speed whatever their KL gradient (observed: every μ fell in lockstep to the same
     fraction of its full rank). One global normalization keeps the relative sizes of the gradients, which is the
-    information FermiGrad exists to use; η_t (cosine from lr to lr·lr_final) is the RMS step of θ."""
-    device, theta, target = problem.device, masked.theta, problem.target
-    names, shapes, scales = masked.names, list(problem.shapes.values()), masked.scales
+    information FermiGrad exists to use; η_t (cosine from lr to lr·lr_final) is the RMS step of θ.
+
+    Step t takes one batch (every batch once per epoch, in a seeded order); ∂KL/∂θ is θ.grad after
+    `Runner.backward`, which back-propagates through every block with the masks in place."""
+    runner, device, theta, target = problem.runner, problem.device, masks.theta, problem.target
+    names, shapes, scales = masks.names, list(problem.shapes.values()), masks.scales
+    head = runner.head
     lo, hi = box(problem, cfg, device)
     g = torch.Generator().manual_seed(problem.seed)
-    order = torch.cat([torch.randperm(len(windows), generator=g)
-                       for _ in range(math.ceil(cfg.steps * cfg.batch_size / len(windows)) + 1)])
+    order = torch.cat([torch.randperm(len(states), generator=g)
+                       for _ in range(math.ceil(cfg.steps / len(states)) + 1)]).tolist()
     rho, history = cfg.rho_start, []
     velocity = torch.zeros_like(theta)
     grad_sum, grad_n, tail = torch.zeros_like(theta), 0, max(1, cfg.steps // 4)
     bar = tqdm(range(cfg.steps), desc="fermigrad", disable=not problem.progress)
     for step in bar:
-        pick = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        logits = masked.model(input_ids=windows[pick].to(device), use_cache=False).logits
-        kl = topk_kl(logits, t_idx[pick].to(device), t_logp[pick].to(device))
-        (g_kl,) = torch.autograd.grad(kl, theta)
+        t_idx, t_logp = (t.to(device) for t in teacher[order[step]])
+
+        def loss_fn(_j: int, h: torch.Tensor) -> torch.Tensor:
+            z = runner.final(h)
+            return topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx, t_logp)
+
+        theta.grad = None
+        kl = runner.backward([states[order[step]]], loss_fn, overrides=masks.overrides())
+        g_kl = theta.grad.detach().clone() if theta.grad is not None else torch.zeros_like(theta)
+        theta.grad = None
         count = total_smooth_params(theta, scales, shapes, cfg.temperature)
         x = (count - target) / target
         penalty = rho * x ** 2  # ρ·((N(μ) − N_t)/N_t)²
@@ -359,9 +383,9 @@ def _descend(masked: MaskedModel, problem: AllocationProblem, cfg: FermiGradConf
             grad_sum += g_kl
             grad_n += 1
         ratio = float(count.detach()) / problem.dense
-        loss = float(kl.detach()) + float(penalty.detach())
-        bar.set_postfix(loss=f"{loss:.4f}", kl=f"{float(kl.detach()):.4f}", ratio=f"{ratio:.4f}", rho=f"{rho:.3g}")
-        history.append({"step": step, "loss": loss, "kl": float(kl.detach()), "ratio": ratio, "rho": rho})
+        loss = kl + float(penalty.detach())
+        bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl:.4f}", ratio=f"{ratio:.4f}", rho=f"{rho:.3g}")
+        history.append({"step": step, "loss": loss, "kl": kl, "ratio": ratio, "rho": rho})
         rho *= cfg.rho_growth
     mu = (theta.detach().cpu().double() * scales).tolist()
     dkl_dmu = (grad_sum.cpu().double() / max(grad_n, 1) / scales).tolist()  # ∂KL/∂μ = ∂KL/∂θ / scale
@@ -418,11 +442,12 @@ def hard_ranks(problem: AllocationProblem, mu: Mapping[str, float], dkl_dmu: Map
     step = max(1, problem.rank_multiple)
     ladders = {}
     for name, shape in problem.shapes.items():
-        S = problem.spectra[name].S.double()
+        spec = problem.spectra[name]
+        S = spec.S.double()
         r0 = min(max(1, int(round(mu[name]))), shape.full_rank)
         ref = float(S[min(r0, len(S) - 1)] ** 2) or 1e-30
         w = max(-dkl_dmu[name], 1e-12) / ref  # KL per unit of S² at the cut: −∂KL/∂μ / S_r²
-        ladders[name] = RankLadder(shape, problem.spectra[name], w, r_min, step)
+        ladders[name] = RankLadder(shape, spec, w, r_min, step)
     ranks = {n: lad.snap(mu[n]) for n, lad in ladders.items()}
     total = sum(lad.cost(ranks[n]) for n, lad in ladders.items())
     moves = {"trimmed": 0, "filled": 0}
@@ -521,20 +546,15 @@ def _hard_kls(problem: AllocationProblem, cfg: FermiGradConfig, run: dict, final
     training optimized, measured on the discrete model that will be built."""
     from .uniform import uniform
 
-    masked: MaskedModel = run["masked"]
-    model, device = problem.model, problem.device
-    home = next(model.parameters()).device
+    masks: FermiMasks = run["masks"]
     out: dict[str, float] = {}
     todo = {"kl_fermigrad": final}
     if cfg.report_uniform_kl:
         todo["kl_uniform"] = uniform(problem).ranks
-    masked.swap_in()
-    model.to(device)
     try:
         for key, ranks in todo.items():
-            masked.set_hard(ranks)
-            out[key] = mean_kl(model, run["windows"], run["t_idx"], run["t_logp"], cfg.batch_size, device)
+            masks.set_hard(ranks)
+            out[key] = mean_kl(problem.runner, run["states"], run["teacher"], masks.overrides())
     finally:
-        masked.restore()
-        model.to(home)
+        masks.set_hard(None)
     return out
