@@ -32,7 +32,8 @@ from svdpress.cli import parse_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
-from svdpress.models import find_targets, load_model  # noqa: E402
+from svdpress.model import Placement, Runner  # noqa: E402
+from svdpress.models import load_model  # noqa: E402
 from svdpress.params import count_params, dense_count  # noqa: E402
 from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -71,12 +72,12 @@ def method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def spectra_for(a, model, samples, device, progress):
+def spectra_for(a, runner, samples, progress):
     path = Path(a.spectra_cache) if a.spectra_cache else None
     if path and path.is_file():
         return torch.load(path, weights_only=False), 0.0
     t = time.perf_counter()
-    spectra = factorize_model(model, samples, a.factorize, device, Timer(), progress=progress)
+    spectra = factorize_model(runner, samples, a.factorize, Timer(), progress=progress)
     seconds = time.perf_counter() - t
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +116,10 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in a.ratios.split(",")]
 
     model, tok, _ = load_model(a.model)
+    runner = Runner(model, Placement(device=device, offload="none"))
     samples, _ = calibration_samples(tok, "wiki", a.calib_samples, a.calib_seqlen, 0)
-    shapes = {t.name: t.shape for t in find_targets(model)}
-    spectra, factor_s = spectra_for(a, model, samples, device, progress)
+    shapes = runner.arch.shapes()
+    spectra, factor_s = spectra_for(a, runner, samples, progress)
     originals = {name: model.get_submodule(name) for name in shapes}
     ev = EvalConfig(ppl=("wiki",), seqlen=a.seqlen, limit=a.limit)
     out = Path(a.out)
@@ -128,17 +130,17 @@ def main(argv=None) -> int:
                            "factorize_s": round(factor_s, 1), "rank_multiple": a.rank_multiple, "options": opts,
                            "results": []}
     if not a.no_dense:
-        doc["dense_ppl"] = evaluate_model(model, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
+        doc["dense_ppl"] = evaluate_model(runner, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
     cache: dict = {}  # sensitivities shared by all methods and ratios
     for ratio in ratios:
         for m in methods:
-            problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), model,
-                                        samples, device, 0, progress, cache)
+            problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
+                                        samples, 0, progress, cache)
             t = time.perf_counter()
             alloc = allocate(problem, m)
             wall = time.perf_counter() - t
-            build(model, spectra, alloc.ranks)
-            ppl = evaluate_model(model, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
+            build(runner, spectra, alloc.ranks, progress=False)
+            ppl = evaluate_model(runner, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
             for name, layer in originals.items():
                 set_module(model, name, layer)
             row = {"method": m, "ratio": ratio, "achieved": count_params(shapes, alloc.ranks) / dense_count(shapes),

@@ -29,6 +29,7 @@ from svdpress.allocate import AllocationProblem, allocate  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
+from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import find_targets, load_model  # noqa: E402
 from svdpress.params import count_params, dense_count  # noqa: E402
 from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
@@ -71,13 +72,15 @@ def calibrate_once(model, samples, cache: StatsCache, a, device, need_grads: boo
     """Fill the stats cache (a no-op when it already holds this model's and samples' statistics); timed."""
     out = {}
     t = time.perf_counter()
-    for _ in block_stats(cache, model, samples, a.batch_size, device, not a.no_progress):
+    runner = Runner(model, Placement(device=device, offload="none"))
+    for _ in block_stats(cache, runner, samples, a.batch_size, not a.no_progress):
         pass
     out["inputs_s"] = round(time.perf_counter() - t, 2)
     if need_grads:
         t = time.perf_counter()
-        grad_stats(cache, model, samples, a.batch_size, device, not a.no_progress)
+        grad_stats(cache, runner, samples, a.batch_size, not a.no_progress)
         out["gradients_s"] = round(time.perf_counter() - t, 2)
+    runner.close()
     return out
 
 
@@ -89,11 +92,14 @@ def evaluate(model, tok, a, device) -> dict[str, float]:
 
 def run_method(method: str, model, tok, samples, shapes, a, device) -> dict:
     timer = Timer()
-    spectra = factorize_model(model, samples, method, device, timer, a.batch_size, not a.no_progress, a.stats_cache)
+    with Runner(model, Placement(device=device, offload="none")) as runner:
+        spectra = factorize_model(runner, samples, method, timer, a.batch_size, not a.no_progress, a.stats_cache)
     rows = {}
     for ratio in a.ratios:
         alloc = allocate(AllocationProblem(shapes, spectra, ratio, seed=a.seed, progress=False), "uniform")
-        compressed = build(copy.deepcopy(model), spectra, alloc.ranks)  # every ratio from the dense weights
+        compressed = copy.deepcopy(model)  # every ratio from the dense weights
+        with Runner(compressed, Placement(device=device, offload="none")) as r:
+            build(r, spectra, alloc.ranks, progress=False)
         rows[str(ratio)] = {"achieved": count_params(shapes, alloc.ranks) / dense_count(shapes),
                             "ppl": evaluate(compressed, tok, a, device)}
         del compressed

@@ -139,6 +139,7 @@ def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Mod
     """dense + {svd, pivga} at every ratio, from one calibration; or dense + the given saved models."""
     from svdpress.allocate import AllocationProblem, allocate
     from svdpress.export import read_manifest
+    from svdpress.model import Placement, Runner
     from svdpress.models import find_targets, load_model
     from svdpress.params import count_params, dense_count
     from svdpress.pipeline import Timer, build, factorize_model
@@ -157,13 +158,15 @@ def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Mod
 
     samples, _ = calibration_samples(tok, a.calib, a.calib_samples, a.calib_seqlen, 0)
     t = time.perf_counter()
-    spectra = factorize_model(dense, samples, a.factorize, device, Timer(), progress=not a.no_progress)
+    with Runner(dense, Placement(device=device, offload="none")) as r:
+        spectra = factorize_model(r, samples, a.factorize, Timer(), progress=not a.no_progress)
     print(f"spectra in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     shapes = {t.name: t.shape for t in find_targets(dense)}
     for ratio in a.ratios:
         m = copy.deepcopy(dense)
-        alloc = allocate(AllocationProblem(shapes, spectra, ratio, 1, {}, m, samples, device, 0, False), a.allocate)
-        build(m, spectra, alloc.ranks)
+        with Runner(m, Placement(device=device, offload="none")) as r:
+            alloc = allocate(AllocationProblem(shapes, spectra, ratio, 1, {}, r, samples, 0, False), a.allocate)
+            build(r, spectra, alloc.ranks, progress=False)
         variants[f"svd@{ratio}"] = m
         info[f"svd@{ratio}"] = {"linear_ratio": count_params(shapes, alloc.ranks) / dense_count(shapes)}
         if a.pivga:

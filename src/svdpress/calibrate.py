@@ -16,13 +16,22 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .model.head import nll_sum
+
+
+ROWS = 1024  # rows of a Gram matrix accumulated per matmul: bounds the float32/float64 temporaries
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xᵀx: float32 matmuls summed into the float64 accumulator, ROWS rows at a time, so an 8192-wide
+    input needs 32+64 MB of temporaries instead of 256+512 MB."""
+    for r in range(0, x.shape[1], ROWS):
+        acc[r:r + ROWS] += (x[:, r:r + ROWS].T @ x).double()
 
 
 @dataclass
@@ -41,7 +50,7 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.T @ x).double()  # float32 block, float64 sum
+        add_gram(self.xtx, x)
         self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
 
@@ -164,8 +173,7 @@ class _GradAccumulator:
     def _backward(self, name: str, m: int, n: int, device, x: torch.Tensor, g: torch.Tensor) -> None:
         s = self.stats.setdefault(name, {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=device)})
         g = g.float()
-        gt = g.reshape(-1, m)
-        s["out_grad"] += (gt.T @ gt).double()  # G += Σ_t g_t g_tᵀ
+        add_gram(s["out_grad"], g.reshape(-1, m))  # G += Σ_t g_t g_tᵀ
         if self.fisher:
             b = g.shape[0]
             dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))  # ∂L_s/∂W

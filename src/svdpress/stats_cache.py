@@ -25,7 +25,7 @@ from typing import Iterator, Mapping, MutableMapping, Optional
 
 import torch
 
-from .calibrate import BlockStats, GradStats, InputStats, gradient_stats, iter_block_stats
+from .calibrate import BlockStats, InputStats, gradient_stats, iter_block_stats
 
 FORMAT = 1
 MANIFEST = "manifest.json"

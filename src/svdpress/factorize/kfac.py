@@ -22,21 +22,22 @@ import torch
 from ..calibrate import InputStats
 from ..errors import SvdpressError
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import add_diagonal, cholesky, whitener
+from .whiten import cholesky, symmetric, whitener
 
 DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
 
 
 def damped(G: torch.Tensor, damping: float) -> torch.Tensor:
-    """G + δ·mean(diag G)·I (float64)."""
-    G = G.double()
-    return add_diagonal(G, float(damping * G.diagonal().mean()))
+    """(G + Gᵀ)/2 + δ·mean(diag G)·I (float64), in one new m×m matrix."""
+    G = symmetric(G.double())
+    G.diagonal().add_(float(damping * G.diagonal().mean()))
+    return G
 
 
 def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING) -> LayerSpectrum:
     """SVD of L_Gᵀ W L_C, un-whitened on both sides."""
     right = whitener(inputs, "cholesky")  # shared by the layers reading this input (q/k/v, gate/up)
-    left = cholesky(damped(G.to(W.device), damping))
+    left = cholesky(damped(G.to(W.device), damping), symmetrized=True)
     M = left.S.T.to(W) @ W @ right.S.to(W)  # L_Gᵀ W L_C
     note = "; ".join(f"{side}: {wh.note}" for side, wh in (("out", left), ("in", right)) if wh.note)
     return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note)

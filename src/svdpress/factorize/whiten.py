@@ -34,7 +34,7 @@ class Whitener:
         return torch.linalg.solve(self.S.T, U)
 
 
-def _symmetric(C: torch.Tensor) -> torch.Tensor:
+def symmetric(C: torch.Tensor) -> torch.Tensor:
     """(C + Cᵀ)/2 with one n×n temporary (n = 8192 is 512 MB in float64)."""
     return torch.add(C, C.T).mul_(0.5)
 
@@ -46,8 +46,9 @@ def add_diagonal(C: torch.Tensor, value: float) -> torch.Tensor:
     return out
 
 
-def cholesky(C: torch.Tensor) -> Whitener:
-    C = _symmetric(C.double())
+def cholesky(C: torch.Tensor, symmetrized: bool = False) -> Whitener:
+    """`symmetrized`: C is already (C + Cᵀ)/2 (saves an n×n copy)."""
+    C = C.double() if symmetrized else symmetric(C.double())
     L, info = torch.linalg.cholesky_ex(C)
     if int(info) == 0:
         return Whitener(L, True, "")
@@ -63,7 +64,7 @@ def cholesky(C: torch.Tensor) -> Whitener:
 
 def eigen(C: torch.Tensor, note: str = "") -> Whitener:
     """C = Q Λ Qᵀ ⇒ S = Q Λ^½ (SVD-LLM v2 style); small eigenvalues are clamped so S stays invertible."""
-    C = _symmetric(C.double())
+    C = symmetric(C.double())
     lam, Q = torch.linalg.eigh(C)
     floor = EIG_FLOOR * lam.max().clamp_min(1e-30)
     clamped = int((lam < floor).sum())
