@@ -176,3 +176,29 @@ def test_offload_folder_is_removed_on_close(tokenizer, tmp_path):
     assert len(list(Path(tmp_path).iterdir())) == 1
     r.close()
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_streamed_statistics_and_spectra_equal_in_memory(tokenizer, calib, tmp_path):
+    """A budget of a few blocks makes `auto` stream; X·Xᵀ, G and the spectra are those of the in-memory path."""
+    from svdpress.calibrate import gradient_stats, iter_block_stats
+    from svdpress.factorize import FACTORIZERS, LayerStats
+
+    def run(placement):
+        model = make_llama(len(tokenizer), layers=3)
+        with Runner(model, placement) as r:
+            inputs = {n: s for bs in iter_block_stats(r, calib, batch_size=4, progress=False)
+                      for n, s in bs.inputs.items()}
+            grads = gradient_stats(r, calib, batch_size=4, progress=False)
+            spectra = {n: FACTORIZERS["kfac"].fn(r.weight(n).double(), LayerStats(inputs[n], **grads[n]))
+                       for n in inputs}
+            return r.offload, inputs, grads, spectra
+
+    block = sum(p.numel() for p in make_llama(len(tokenizer), layers=3).model.layers[0].parameters()) * 4
+    streamed = run(Placement(offload="auto", max_memory={"cpu": 2 * block}, offload_dir=str(tmp_path)))
+    resident = run(Placement(offload="none"))
+    assert streamed[0] == "disk" and resident[0] == "none"
+    for n in resident[1]:
+        torch.testing.assert_close(streamed[1][n].xtx, resident[1][n].xtx, rtol=1e-6, atol=0)
+        torch.testing.assert_close(streamed[2][n]["out_grad"], resident[2][n]["out_grad"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(streamed[3][n].weight(), resident[3][n].weight(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(streamed[3][n].S, resident[3][n].S, rtol=1e-6, atol=0)
