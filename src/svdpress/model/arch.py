@@ -7,6 +7,16 @@ type: the blocks are the `nn.ModuleList` with `config.num_hidden_layers` entries
 inside a block except MoE routers, and sibling groups are found during calibration (layers whose forward
 hooks see the very same input tensor). Every stage asks this map; none guesses module names itself.
 
+A model whose config nests the language model's (a multimodal wrapper such as Gemma 3's, `config.text_config`)
+uses its text config: a declared family is found there and its paths moved under the text model (the module
+holding the input embeddings); discovery counts the text config's layers and prefers the block list next to the
+input embeddings, so a vision tower's layers are never taken for the decoder.
+
+Besides the norm, what turns the last block's output into logits is declared too: a projection after the norm
+(OPT-350m's `project_out`), a factor on the logits (Cohere's `logit_scale`, Granite's `1/logits_scaling`) and
+the final soft-capping (Gemma 2/3), so that a runner computing embed → blocks → final → head reproduces the
+model's own logits.
+
 `--targets` / `--ignore` take patterns as in llm-compressor: `re:REGEX` is matched (re.match) against the full
 layer name; anything else is a glob (fnmatch) matched against the full name, the block-relative path
 (`mlp.down_proj`) and the leaf name (`down_proj`).
@@ -16,8 +26,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence
 
 import torch.nn as nn
 
@@ -41,6 +51,16 @@ class Family:
     # (consumer, producers): the consumer's input is an elementwise function of the producers' outputs, so a
     # permutation of the consumer's input features can be absorbed into the producers' output rows (PivGa)
     pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    out_proj: str = ""  # a projection after the final norm, where the model has one (OPT-350m's project_out)
+    logit_scale: Optional[Callable[[Any], float]] = None  # config -> factor on the logits (before soft-capping)
+
+
+def _cohere_scale(cfg: Any) -> float:
+    return float(getattr(cfg, "logit_scale", 1.0) or 1.0)  # logits = lm_head(h) * logit_scale
+
+
+def _granite_scale(cfg: Any) -> float:
+    return 1.0 / float(getattr(cfg, "logits_scaling", 1.0) or 1.0)  # logits = lm_head(h) / logits_scaling
 
 
 LLAMA = Family(
@@ -49,18 +69,22 @@ LLAMA = Family(
     groups=(ATTN, MLP),
     pairs=(("mlp.down_proj", MLP),),
 )
-PHI3 = Family(  # fused projections: factored as one matrix each
+# Cohere's blocks are parallel: attention and MLP both read the one input_layernorm output
+COHERE = replace(LLAMA, groups=(ATTN + MLP,), logit_scale=_cohere_scale)
+GRANITE = replace(LLAMA, logit_scale=_granite_scale)
+PHI3 = Family(  # fused projections: factored as one matrix each; no siblings (attention and MLP have own norms)
     blocks="model.layers", embed="model.embed_tokens", norm="model.norm", head="lm_head",
     targets=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
 )
 GPT_NEOX = Family(
-    blocks="gpt_neox.layers", embed="gpt_neox.embed_in", norm="gpt_neox.final_layer_norm", head="embed_out",
+    # the head is lm_head in transformers 5 (embed_out before: found through get_output_embeddings)
+    blocks="gpt_neox.layers", embed="gpt_neox.embed_in", norm="gpt_neox.final_layer_norm", head="lm_head",
     targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     pairs=(("mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),),
 )
-OPT = Family(
+OPT = Family(  # OPT-350m: no final norm (final_layer_norm is None) and a project_out after the blocks
     blocks="model.decoder.layers", embed="model.decoder.embed_tokens", norm="model.decoder.final_layer_norm",
-    head="lm_head",
+    head="lm_head", out_proj="model.decoder.project_out",
     targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     pairs=(("fc2", ("fc1",)),),
@@ -69,7 +93,9 @@ OPT = Family(
 # config.model_type → layout. Llama-style families share one declaration.
 FAMILIES: dict[str, Family] = {
     **{t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
-                          "granite", "smollm3", "cohere")},
+                          "smollm3")},
+    "granite": GRANITE,
+    "cohere": COHERE,
     "phi3": PHI3,
     "gpt_neox": GPT_NEOX,
     "opt": OPT,
@@ -102,6 +128,8 @@ class ArchMap:
     absorbers: dict[str, list[str]] = field(default_factory=dict)  # consumer name → producer names
     softcap: Optional[float] = None  # final logit soft-capping (Gemma 2/3)
     num_blocks: int = 0
+    logit_scale: float = 1.0  # logits = logit_scale · (h Wᵀ + b), then soft-capped (Cohere, Granite)
+    out_proj_path: Optional[str] = None  # applied after the final norm (OPT-350m's project_out)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -136,25 +164,68 @@ def _factored_kinds() -> tuple[type, ...]:
 
 
 def _is_router(model: nn.Module, path: str, m: nn.Linear) -> bool:
-    """An MoE router: a linear layer named gate/router whose outputs are the experts."""
-    cfg = getattr(model, "config", None)
-    experts = [getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")]
-    return path.rsplit(".", 1)[-1] in ROUTER_NAMES and m.out_features in [e for e in experts if e]
+    """An MoE router: a linear layer named gate/router (or *_gate, *_router) whose outputs are the experts, or
+    a shared expert's scalar gate (Qwen2-MoE's shared_expert_gate, one output). In transformers 5 most routers
+    are their own module type and the experts fused 3-D parameters, which discovery does not list anyway."""
+    cfg = _text_config(getattr(model, "config", None))
+    experts = {e for e in (getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+               if isinstance(e, int) and e > 0}
+    leaf = path.rsplit(".", 1)[-1]
+    named = leaf in ROUTER_NAMES or leaf.endswith(tuple(f"_{n}" for n in ROUTER_NAMES))
+    return bool(experts) and named and (m.out_features in experts or m.out_features == 1)
+
+
+def _text_config(cfg: Any) -> Any:
+    """The language model's config (`text_config` of a multimodal wrapper), else `cfg` itself."""
+    get = getattr(cfg, "get_text_config", None)
+    if get is None:
+        return cfg
+    try:
+        tc = get(decoder=True)
+    except TypeError:
+        tc = get()
+    return tc if tc is not None else cfg
 
 
 def discover_blocks(model: nn.Module) -> str:
-    """The decoder blocks: the ModuleList with num_hidden_layers entries that contains nn.Linear layers."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    """The decoder blocks: the ModuleList with num_hidden_layers entries (of the text config) that contains
+    nn.Linear layers; among several, the one nearest the input embeddings (not a vision tower's)."""
+    n = getattr(_text_config(getattr(model, "config", None)), "num_hidden_layers", None)
     candidates = [(name, m) for name, m in model.named_modules()
                   if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
-    for name, blocks in candidates:
+    emb = (_module_path(model, _input_embeddings(model)) or "").split(".")
+
+    def nearness(item) -> int:
+        parts = item[0].split(".")
+        common = next((k for k, (a, b) in enumerate(zip(parts, emb)) if a != b), min(len(parts), len(emb)))
+        return -common
+
+    for name, blocks in sorted(candidates, key=nearness):
         if any(isinstance(x, (nn.Linear,) + _factored_kinds()) for x in blocks[0].modules()):
             return name
     arch = type(model).__name__
     if candidates:
-        raise SvdpressError(f"unsupported architecture {arch}: its decoder blocks contain no nn.Linear layers "
-                            "(e.g. GPT-2's Conv1D); only models built from nn.Linear can be factored")
+        name, blocks = sorted(candidates, key=nearness)[0]
+        kinds = sorted({type(x).__name__ for x in blocks[0].modules()
+                        if not list(x.children()) and getattr(x, "weight", None) is not None})
+        raise SvdpressError(f"unsupported architecture {arch}: its decoder blocks ({name}) contain no nn.Linear "
+                            f"layers (weights found in: {', '.join(kinds) or 'none'}; GPT-2 style Conv1D layers are "
+                            "not supported); only models built from nn.Linear can be factored")
     raise SvdpressError(f"unsupported architecture {arch}: no list of decoder blocks found")
+
+
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _discover_norm(model: nn.Module, blocks_path: str) -> Optional[str]:
@@ -176,6 +247,8 @@ def _module_path(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]
 
 
 def _exists(model: nn.Module, path: str) -> bool:
+    if not path:
+        return False
     try:
         model.get_submodule(path)
         return True
@@ -183,11 +256,42 @@ def _exists(model: nn.Module, path: str) -> bool:
         return False
 
 
+def _set_to_none(model: nn.Module, path: str) -> bool:
+    """The module at `path` is declared but absent in this variant (its attribute is None, e.g. OPT-350m's
+    final_layer_norm)."""
+    parent, _, leaf = path.rpartition(".")
+    try:
+        mod = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return False
+    return hasattr(mod, leaf) and getattr(mod, leaf) is None
+
+
+def _layout(model: nn.Module, fam: Family) -> Optional[dict[str, str]]:
+    """The family's module paths in `model`: as declared, or moved under the text model of a wrapper (the module
+    holding the input embeddings, e.g. Gemma 3's model.language_model); None when the model has another layout."""
+    declared = {"blocks": fam.blocks, "embed": fam.embed, "norm": fam.norm, "head": fam.head, "out_proj": fam.out_proj}
+    layouts = [declared]
+    root, _, leaf = fam.embed.rpartition(".")
+    emb = _module_path(model, _input_embeddings(model))
+    if emb and root and emb.rpartition(".")[2] == leaf and emb.rpartition(".")[0] != root:
+        base = emb.rpartition(".")[0]
+        layouts.append({k: base + v[len(root):] if v.startswith(root + ".") else v for k, v in declared.items()})
+    for paths in layouts:
+        if _exists(model, paths["blocks"]) and (_exists(model, paths["norm"]) or _set_to_none(model, paths["norm"])):
+            return paths
+    return None
+
+
 def matches(name: str, path: str, patterns: Sequence[str]) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     for p in patterns:
         if p.startswith("re:"):
-            if re.match(p[3:], name):
+            try:
+                hit = re.match(p[3:], name)
+            except re.error as e:
+                raise SvdpressError(f"invalid regular expression in layer pattern {p!r}: {e}") from None
+            if hit:
                 return True
         elif any(fnmatch.fnmatchcase(x, p) for x in (name, path, leaf)):
             return True
@@ -197,19 +301,28 @@ def matches(name: str, path: str, patterns: Sequence[str]) -> bool:
 def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> ArchMap:
     """The architecture map of `model`: declared for known families, discovered by type otherwise."""
     cfg = getattr(model, "config", None)
+    text_cfg = _text_config(cfg)
     model_type = getattr(cfg, "model_type", "") or ""
-    fam = FAMILIES.get(model_type)
-    if fam is not None and not (_exists(model, fam.blocks) and _exists(model, fam.norm)):
-        fam = None  # a variant with another layout (e.g. a multimodal wrapper): discover instead
-    if fam is not None:
-        blocks_path, norm_path = fam.blocks, fam.norm
-        embed_path = fam.embed if _exists(model, fam.embed) else _module_path(model, model.get_input_embeddings())
-        head_path = fam.head if _exists(model, fam.head) else _module_path(model, model.get_output_embeddings())
+    fam: Optional[Family] = None
+    paths: Optional[dict[str, str]] = None
+    for t in dict.fromkeys([model_type, getattr(text_cfg, "model_type", "") or ""]):  # the wrapper's, the text's
+        if t in FAMILIES:
+            paths = _layout(model, FAMILIES[t])
+            if paths is not None:  # else a variant with another layout: discover instead
+                fam, model_type = FAMILIES[t], t
+                break
+    out_proj_path = None
+    if fam is not None and paths is not None:
+        blocks_path = paths["blocks"]
+        norm_path = paths["norm"] if _exists(model, paths["norm"]) else None
+        out_proj_path = paths["out_proj"] if _exists(model, paths["out_proj"]) else None
+        embed_path = paths["embed"] if _exists(model, paths["embed"]) else _module_path(model, _input_embeddings(model))
+        head_path = paths["head"] if _exists(model, paths["head"]) else _module_path(model, _output_embeddings(model))
     else:
         blocks_path = discover_blocks(model)
         norm_path = _discover_norm(model, blocks_path)
-        embed_path = _module_path(model, model.get_input_embeddings())
-        head_path = _module_path(model, model.get_output_embeddings())
+        embed_path = _module_path(model, _input_embeddings(model))
+        head_path = _module_path(model, _output_embeddings(model))
     if embed_path is None or head_path is None:
         raise SvdpressError(f"unsupported architecture {type(model).__name__}: no input embeddings / LM head found")
     blocks = model.get_submodule(blocks_path)
@@ -235,12 +348,14 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
                 if consumer in have and all(_exists(block, p) for p in producers):
                     absorbers[f"{prefix}.{consumer}"] = [f"{prefix}.{p}" for p in producers]
     everything = list(found)
+    _check_patterns(model, everything, targets, ignore, len(blocks))
     if targets:
         found = [t for t in found if matches(t.name, t.path, targets)]
     if ignore:
         found = [t for t in found if not matches(t.name, t.path, ignore)]
-    if not found:
-        kinds = sorted({t.path for t in everything})
+    compressed = not everything and any(isinstance(m, _factored_kinds()) for m in blocks.modules())
+    if not found and (targets or ignore or not compressed):
+        kinds = list(dict.fromkeys(t.path for t in everything))
         what = f"--targets {','.join(targets)}" if targets else "the architecture's layer list"
         raise SvdpressError(f"{what}{' with --ignore ' + ','.join(ignore) if ignore else ''} matches no linear "
                             f"layer of {type(model).__name__} ({len(blocks)} blocks); layers found in each block: "
@@ -248,6 +363,22 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
     keep = {t.name for t in found}
     groups = {i: [[n for n in g if n in keep] for g in gs] for i, gs in groups.items()}
     groups = {i: [g for g in gs if g] for i, gs in groups.items()}
-    softcap = getattr(cfg, "final_logit_softcapping", None)
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    scale = fam.logit_scale(text_cfg) if fam is not None and fam.logit_scale is not None else 1.0
     return ArchMap(model_type, fam is not None, blocks_path, embed_path, norm_path, head_path, found, groups,
-                   absorbers, float(softcap) if softcap else None, len(blocks))
+                   absorbers, float(softcap) if softcap else None, len(blocks), float(scale), out_proj_path)
+
+
+def _check_patterns(model: nn.Module, everything: list[TargetLayer], targets: Sequence[str], ignore: Sequence[str],
+                    n_blocks: int) -> None:
+    """Every --targets / --ignore pattern must match at least one layer: a pattern matching nothing is a typo
+    (or another model's name), and silently compressing more or less than asked is worse than stopping."""
+    for option, patterns in (("--targets", targets), ("--ignore", ignore)):
+        dead = [p for p in patterns if not any(matches(t.name, t.path, [p]) for t in everything)]
+        if dead:
+            kinds = list(dict.fromkeys(t.path for t in everything))
+            raise SvdpressError(f"{option} pattern{'s' if len(dead) > 1 else ''} {', '.join(map(repr, dead))} "
+                                f"match{'' if len(dead) > 1 else 'es'} no linear layer of {type(model).__name__} "
+                                f"({n_blocks} blocks); layers found in each block: {', '.join(kinds) or 'none'} "
+                                "(patterns: re:REGEX on the full name, or globs on the full name, the path in the "
+                                "block or the leaf name)")

@@ -56,6 +56,16 @@ class _Stop(Exception):
     pass
 
 
+class BlockKwargs(dict):
+    """Block 0's keyword arguments (what anything unpacking it with ** gets), and `per_block`: for each later
+    block, the arguments that differ from block 0's. Models whose layers differ by type pass each layer its own
+    mask and rotary tables (Gemma 2/3 sliding vs full attention, Qwen2/3 with sliding windows, Cohere 2)."""
+
+    def __init__(self, base: Mapping = (), per_block: Optional[dict[int, dict]] = None) -> None:
+        super().__init__(base)
+        self.per_block = per_block if per_block is not None else {}
+
+
 def _on_meta(t: torch.Tensor) -> bool:
     return t.device.type == "meta"
 
@@ -263,6 +273,10 @@ class Runner:
                 blk.to("cpu")
 
     def run(self, blk: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        per = getattr(kw, "per_block", None)
+        if per:
+            i = next((j for j, b in enumerate(self.blocks) if b is blk), None)
+            kw = {**kw, **per.get(i, {})}
         out = blk(h.to(self.device), **kw)
         return out[0] if isinstance(out, tuple) else out
 
@@ -314,28 +328,44 @@ class Runner:
     @torch.no_grad()
     def embed(self, batches: Sequence[torch.Tensor]) -> list[State]:
         """(hidden, kwargs) entering block 0 for each batch of token ids: the embedding lookup (in vocabulary
-        chunks from disk when streaming), then the model's own forward up to block 0, which builds the rotary
-        tables, the causal mask and anything else the blocks take (captured by a hook, then stopped)."""
+        chunks from disk when streaming), then the model's own forward through the blocks, which builds the
+        rotary tables, the causal masks and anything else the blocks take. Every block's forward is replaced
+        meanwhile by a recorder that keeps its arguments and passes its input through (no weights are needed);
+        the last one stops the forward. The kwargs are a BlockKwargs: block 0's, and what differs per block."""
         emb = self.model.get_submodule(self.arch.embed_path)
         hidden = [self._lookup(emb, ids) for ids in batches]
         states: list[State] = []
+        calls: list[tuple[torch.Tensor, dict]] = []
+        last = len(self.blocks) - 1
 
-        def grab(_m, args, kwargs):
-            h = args[0] if args else kwargs.pop("hidden_states")
-            kwargs = {k: v for k, v in kwargs.items()
-                      if k not in ("hidden_states", "past_key_value", "past_key_values")}
-            states.append((self.park(h), kwargs))
-            raise _Stop
+        def recorder(i: int):
+            def forward(*args, **kwargs):
+                h = args[0] if args else kwargs.pop("hidden_states")
+                kwargs = {k: v for k, v in kwargs.items()
+                          if k not in ("hidden_states", "past_key_value", "past_key_values")}
+                calls.append((h, kwargs))
+                if i == last:
+                    raise _Stop
+                return h
+            return forward
 
-        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        for i, blk in enumerate(self.blocks):
+            blk.forward = recorder(i)
         try:
             for h in hidden:
+                calls.clear()
                 try:
                     self.model(inputs_embeds=h.to(self.device), use_cache=False)
                 except _Stop:
                     pass
+                h0, kw0 = calls[0]
+                per = {i: {k: v for k, v in kwi.items() if k not in kw0 or v is not kw0[k]}
+                       for i, (_, kwi) in enumerate(calls[1:], start=1)}
+                states.append((self.park(h0), BlockKwargs(kw0, {i: d for i, d in per.items() if d})))
         finally:
-            handle.remove()
+            calls.clear()
+            for blk in self.blocks:
+                blk.__dict__.pop("forward", None)
         return states
 
     def _lookup(self, emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -364,10 +394,14 @@ class Runner:
         raise SvdpressError(f"tensor {name} is not in the checkpoint's safetensors")
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
-        """The final norm (identity for a model without one)."""
-        if self.arch.norm_path is None:
-            return h
-        return self.model.get_submodule(self.arch.norm_path)(h.to(self.device))
+        """The final norm (identity for a model without one), then the projection after it where the model has
+        one (OPT-350m's project_out)."""
+        h = h.to(self.device)
+        if self.arch.norm_path is not None:
+            h = self.model.get_submodule(self.arch.norm_path)(h)
+        if getattr(self.arch, "out_proj_path", None) is not None:
+            h = self.model.get_submodule(self.arch.out_proj_path)(h)
+        return h
 
     @property
     def head(self) -> Head:
@@ -386,6 +420,11 @@ class Runner:
                 rows = lambda a, b: self._rows(name, a, b).to(self.device)  # noqa: E731
         else:
             rows = lambda a, b: w[a:b].to(self.device)  # noqa: E731
+        scale = getattr(self.arch, "logit_scale", 1.0)
+        if scale != 1.0:  # s·(h Wᵀ + b) = h (s·W)ᵀ + s·b (Cohere, Granite): head.py's chunks and backward stay exact
+            unscaled = rows
+            rows = lambda a, b: unscaled(a, b) * scale  # noqa: E731
+            bias = bias * scale if bias is not None else None
         return Head(rows, w.shape[0], bias, self.arch.softcap)
 
     # ---- whole passes -------------------------------------------------------------------------------------
