@@ -57,25 +57,34 @@ def test_depth_bias_runs_from_one_plus_gamma_to_one():
     assert all(a > b for a, b in zip(d, d[1:]))
 
 
+def svd_spectra(model):
+    """Plain SVD spectra of every target layer (no calibration: fast, and independent of the pipeline)."""
+    from svdpress.factorize import spectrum_from_svd
+    from svdpress.model import arch_map
+
+    return {t.name: spectrum_from_svd(model.get_submodule(t.name).weight.detach().double())
+            for t in arch_map(model).targets}
+
+
 @pytest.fixture(scope="module")
 def problem_parts(tokenizer, text_file):
     from conftest import make_llama
 
     from svdpress.data import calibration_samples
-    from svdpress.models import find_targets
-    from svdpress.pipeline import Timer, factorize_model
+    from svdpress.model import Placement, Runner
 
     model = make_llama(len(tokenizer), layers=2)
     samples, _ = calibration_samples(tokenizer, text_file, 4, 48, seed=0)
-    spectra = factorize_model(model, samples, "svd-llm", "cpu", Timer(), batch_size=4, progress=False)
-    shapes = {t.name: t.shape for t in find_targets(model)}
-    return model, samples, spectra, shapes, {}  # the last: a cache shared by every problem here
+    spectra = svd_spectra(model)
+    with Runner(model, Placement(offload="none")) as runner:
+        # the last: a cache shared by every problem here
+        yield runner, samples, spectra, runner.arch.shapes(), {}
 
 
 def make_problem(parts, ratio=0.6, options=None, rank_multiple=4):
-    model, samples, spectra, shapes, cache = parts
-    return AllocationProblem(shapes, spectra, ratio, rank_multiple, dict(options or {}), model, samples,
-                             progress=False, cache=cache)
+    runner, samples, spectra, shapes, cache = parts
+    return AllocationProblem(shapes, spectra, ratio, rank_multiple, dict(options or {}), runner=runner,
+                             samples=samples, progress=False, cache=cache)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import SvdpressError
 from . import ALLOCATORS, Allocation, AllocationProblem
-from .common import fill_config, fit_budget, rank_at, step_of
-from .lems import _blocks
+from .common import block_index, fill_config, fit_budget, rank_at, step_of
 from .sensitivity import get_probe, probe_config
 
 
@@ -35,8 +34,8 @@ class AtpConfig:
 
 def atp_ranks(p: AllocationProblem, beta: float, step: int) -> dict:
     """c_b = c + β·(1/2 − b/(L−1)) per block, as ranks fitted to the budget."""
-    blocks = _blocks(p)
-    last = max(max(blocks.values()), 1)
+    blocks, nblocks = block_index(p)
+    last = max(nblocks - 1, 1)
     ranks = {n: rank_at(s, p.ratio + beta * (0.5 - blocks[n] / last), step) for n, s in p.shapes.items()}
     return fit_budget(p, ranks, step, priority=lambda n: -blocks[n])
 
@@ -52,10 +51,9 @@ def atp(p: AllocationProblem) -> Allocation:
     headroom = min(p.ratio, 1 - p.ratio)
     betas = [2 * headroom * i / max(cfg.beta_steps, 1) for i in range(cfg.beta_steps + 1)]
     tried = []
-    with probe.on_device():
-        for beta in betas:
-            ranks = atp_ranks(p, beta, step)
-            tried.append((probe.loss(ranks)[cfg.metric], beta, ranks))
+    for beta in betas:
+        ranks = atp_ranks(p, beta, step)
+        tried.append((probe.loss(ranks)[cfg.metric], beta, ranks))
     loss, beta, ranks = min(tried, key=lambda x: x[0])
     seconds = time.perf_counter() - t0
     return Allocation(ranks, {"beta": beta, "loss": loss, "metric": cfg.metric, "probes": len(betas),

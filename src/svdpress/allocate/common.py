@@ -34,6 +34,21 @@ def fill_config(cls: type[C], options: Mapping[str, Any], method: str, ignore: t
     return cfg
 
 
+def block_index(problem: AllocationProblem) -> tuple[dict[str, int], int]:
+    """({layer: decoder block}, number of blocks), from the runner's architecture map. Without a runner (only
+    for methods that need no model, given spectra alone) the block is read from the layer name as a fallback:
+    its first integer component (model.layers.<b>.…), 0 if none."""
+    runner = problem.runner
+    if runner is not None:
+        arch = runner.arch
+        try:
+            return {name: arch.block_of(name) for name in problem.shapes}, arch.num_blocks
+        except KeyError as e:
+            raise SvdpressError(f"layer {e.args[0]} is not a target layer of the model") from None
+    blocks = {name: next((int(x) for x in name.split(".") if x.isdigit()), 0) for name in problem.shapes}
+    return blocks, max(blocks.values(), default=0) + 1
+
+
 def step_of(problem: AllocationProblem, override: Optional[int] = None) -> int:
     step = int(override) if override is not None else max(1, problem.rank_multiple)
     if step < 1:

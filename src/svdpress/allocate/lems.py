@@ -33,7 +33,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..errors import SvdpressError
 from ..params import layer_params
 from . import ALLOCATORS, Allocation, AllocationProblem
-from .common import candidate_ranks, fill_config
+from .common import block_index, candidate_ranks, fill_config
 from .sensitivity import get_probe, layer_sensitivity, probe_config
 
 DEFAULT_STEP = 16
@@ -123,8 +123,7 @@ def _step(p: AllocationProblem, cfg: LemsConfig) -> int:
 
 def surrogate(p: AllocationProblem, cfg: LemsConfig, G: dict[str, float], step: int, min_fraction: float):
     """Per layer: the choices (None = dense, then ranks), their parameter counts and surrogate errors e_l(r)."""
-    blocks = _blocks(p)
-    nblocks = max(blocks.values()) + 1
+    blocks, nblocks = block_index(p)
     options, costs, errors = [], [], []
     for name, shape in p.shapes.items():
         S2 = np.cumsum(p.spectra[name].S.double().numpy() ** 2)
@@ -148,10 +147,9 @@ def _tune(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction) -> tuple
     """(α, γ) from a small grid by the KL of the whole truncated model (the repository tunes them with Optuna)."""
     probe = get_probe(p, probe_config(cfg))
     trials = {}
-    with probe.on_device():
-        for a, g in itertools.product(cfg.tune_alphas, cfg.tune_gammas):
-            ranks, _, _ = _solve(p, replace(cfg, alpha=float(a), gamma=float(g)), G, step, min_fraction)
-            trials[(float(a), float(g))] = probe.loss(ranks)["kl"]
+    for a, g in itertools.product(cfg.tune_alphas, cfg.tune_gammas):
+        ranks, _, _ = _solve(p, replace(cfg, alpha=float(a), gamma=float(g)), G, step, min_fraction)
+        trials[(float(a), float(g))] = probe.loss(ranks)["kl"]
     a, g = min(trials, key=trials.get)
     return replace(cfg, alpha=a, gamma=g), {f"alpha={k[0]},gamma={k[1]}": v for k, v in trials.items()}
 
@@ -182,8 +180,3 @@ def lems(p: AllocationProblem) -> Allocation:
             "rank_multiple": step, "min_fraction": min_fraction, "alpha": cfg.alpha, "gamma": cfg.gamma,
             "tuning": trials, "config": {k: v for k, v in vars(cfg).items()}}
     return Allocation(ranks, info)
-
-
-def _blocks(p: AllocationProblem) -> dict[str, int]:
-    """Decoder block of each layer: the first integer in its dotted name (model.layers.<b>.…)."""
-    return {name: next((int(x) for x in name.split(".") if x.isdigit()), 0) for name in p.shapes}

@@ -3,14 +3,20 @@
 Used by LEMS (global importance: KL at one probe rank), ASVD's threshold search (loss at several ratios),
 MRCS (the same measurements, greedily) and ATP (loss of whole candidate allocations). One implementation:
 
-* `Probe` runs the dense model once on a few short calibration sequences and keeps every decoder block's
-  input and the dense output distribution. The loss of a model whose layers of blocks ≥ b are truncated is
-  then measured by running only blocks b..L-1, the final norm and the head: about half a forward on average
-  for a single-layer probe.
-* A truncated layer is W_r = U_r diag(S_r) V_r from its spectrum, swapped into the dense model for the
-  measurement only (the weights are restored afterwards).
-* Losses: kl = (1/T_tok) Σ_t KL(p_dense,t ‖ p_trunc,t) at temperature τ (LEMS uses τ = 0.6);
-  nll = mean next-token negative log-likelihood; dnll = nll − nll_dense (ASVD's perplexity change, in logs).
+* `Probe` runs the dense model once, through the problem's runner, on a few short calibration sequences and
+  keeps every decoder block's input (parked on the CPU when the model streams) and the dense reference: its
+  final hidden states, their log-normalizer at temperature τ and, unless the logits are soft-capped, their
+  mean head row m_t = Σ_v p_t,v W_v; never log-probabilities over the vocabulary. The loss of a model whose
+  layers of blocks ≥ b are truncated is then measured by running only blocks b..L-1 (streamed one at a time
+  when the runner offloads), the final norm and one pass over the vocabulary in chunks (`vocab_pass`, one
+  matmul with the head per chunk). With logits linear in h, KL's cross term Σ_v p_v (a_v − b_v) is
+  (h_ref − h)·m/τ, so the reference's logits are not recomputed (that would be two matmuls a chunk, the cost
+  that dominates on a CPU with a large vocabulary); soft-capped logits recompute them chunk by chunk.
+* A truncated layer is W_r = U_r diag(S_r) V_r from its spectrum, put in place of the layer (with its bias)
+  by a runner override while its block runs; the model itself is never modified.
+* Losses: kl = (1/T_tok) Σ_t KL(p_dense,t ‖ p_trunc,t) at temperature τ (LEMS uses τ = 0.6), every token;
+  nll = mean next-token negative log-likelihood (every token but each sequence's last);
+  dnll = nll − nll_dense (ASVD's perplexity change, in logs).
 
 Measurements are cached in `problem.cache`, keyed by the probe settings, so methods and ratios sharing a
 problem cache (same model, spectra, samples) measure each (layer, fraction) once.
@@ -19,18 +25,16 @@ problem cache (same model, spectra, samples) measure each (layer, fraction) once
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibrate import _to, block_inputs
 from ..errors import SvdpressError
-from ..models import find_blocks, find_targets
+from ..factorize import LayerSpectrum
+from ..model.head import Head
 from . import AllocationProblem
 from .common import rank_at
 
@@ -55,107 +59,159 @@ def probe_config(cfg) -> ProbeConfig:
     return pc
 
 
-def _final_layers(model: nn.Module, prefix: str) -> tuple[nn.Module, nn.Module]:
-    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
-    norm = next((getattr(parent, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(parent, n)), None)
-    head = model.get_output_embeddings()
-    if norm is None or head is None:
-        raise SvdpressError(f"{type(model).__name__}: cannot find the final norm / LM head for sensitivity probes")
-    return norm, head
+def _truncated(spectrum: LayerSpectrum, r: int) -> Callable[[nn.Module], nn.Module]:
+    """Runner override: the materialized layer -> an nn.Linear holding W_r = U_r diag(S_r) V_r and its bias."""
+
+    def make(layer: nn.Module) -> nn.Module:
+        dev, f32 = layer.weight.device, torch.float32  # float32 on the execution device: no CPU float64 matmul
+        U, S, V = spectrum.U[:, :r].to(dev, f32), spectrum.S[:r].to(dev, f32), spectrum.V[:r].to(dev, f32)
+        w = ((U * S) @ V).to(layer.weight.dtype)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        out.weight = nn.Parameter(w, requires_grad=False)
+        out.bias = getattr(layer, "bias", None)
+        return out
+
+    return make
+
+
+class _LastChunk:
+    """Head rows with the last chunk kept: a pass that needs a chunk twice in a row (logits of the probed and
+    the reference states under soft-capping; logits then rows for the reference's mean row) reads it once,
+    which matters when the head streams from disk."""
+
+    def __init__(self, rows: Callable[[int, int], torch.Tensor]) -> None:
+        self.rows, self.span, self.w = rows, None, None
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        if self.span != (a, b):
+            self.w = None
+            self.w, self.span = self.rows(a, b), (a, b)
+        return self.w
+
+    def clear(self) -> None:
+        self.span = self.w = None
+
+
+def vocab_pass(head: Head, h: torch.Tensor, temperature: float, targets: torch.Tensor,
+               shift: Optional[torch.Tensor] = None, ref: Optional[torch.Tensor] = None):
+    """One pass over the vocabulary chunks for hidden states h (T, d) after the final norm, with logits s:
+
+    * lse_t of s_t/τ − shift_t (T,) float32; the shift (a reference's log-normalizer) keeps this near 0, so
+      float32 rounds it finely (unshifted, lse ≈ 10 would carry errors near 1e-6, a KL's size);
+    * −log p_t(target_t) at τ = 1 (T,) float64, 0 where target_t < 0;
+    * with `ref` (the reference's states h_ref): Σ_v p_ref,v (a_v − b_v), a = s_ref/τ, b = s/τ, p_ref =
+      exp(a − shift) (T,) float64 (the reference's logits recomputed chunk by chunk)."""
+    T = h.shape[0]
+    shift = torch.zeros(T, device=h.device) if shift is None else shift.float()
+    lse_tau = torch.full((T,), float("-inf"), device=h.device)
+    lse_1 = torch.full((T,), float("-inf"), device=h.device)
+    got = torch.zeros(T, device=h.device)
+    cross = torch.zeros(T, device=h.device, dtype=torch.float64) if ref is not None else None
+    for a, b in head.spans(T):
+        z = head.logits(h, a, b)
+        lse_1 = torch.logaddexp(lse_1, torch.logsumexp(z, -1))
+        inside = (targets >= a) & (targets < b)
+        if inside.any():
+            got = torch.where(inside, z.gather(-1, (targets - a).clamp(0, b - a - 1)[:, None])[:, 0], got)
+        zb = z.div_(temperature).sub_(shift[:, None])  # in place: z is done with
+        lse_tau = torch.logaddexp(lse_tau, torch.logsumexp(zb, -1))
+        if ref is not None:
+            za = head.logits(ref, a, b).div_(temperature).sub_(shift[:, None])
+            cross += (torch.exp(za) * (za - zb)).sum(-1).double()
+    nll = torch.where(targets >= 0, lse_1 - got, 0.0).double()
+    return lse_tau, nll, cross
+
+
+def normalizer(head: Head, h: torch.Tensor, temperature: float, lse: torch.Tensor, mean: bool):
+    """A second pass refining lse (float32) to float64: lse + log Σ_v exp(s_v/τ − lse); with `mean`, also
+    m_t = Σ_v p_t,v W_v (T, d) float32, p_t = softmax(s_t/τ). With logits linear in h (no soft-capping),
+    Σ_v p_v (a_v − b_v) = (h_ref − h)·m/τ, so a measurement needs no reference logits."""
+    total = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+    m = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if mean else None
+    for a, b in head.spans(h.shape[0]):
+        p = torch.exp(head.logits(h, a, b).div_(temperature).sub_(lse[:, None]))
+        total += p.sum(-1).double()
+        if mean:
+            m += p @ head.rows(a, b).float()
+    if mean:
+        m /= total[:, None].float()
+    return lse.double() + total.log(), m
 
 
 class Probe:
     """Dense block inputs and reference outputs on a few calibration sequences (see module docstring)."""
 
     def __init__(self, problem: AllocationProblem, cfg: ProbeConfig) -> None:
-        if problem.model is None or problem.samples is None:
-            raise SvdpressError("this allocation method measures the model's loss: it needs the dense model and "
-                                "calibration samples (compress() passes them)")
-        self.model, self.cfg, self.device = problem.model, cfg, problem.device
-        self.spectra = problem.spectra
-        self.prefix, self.blocks = find_blocks(self.model)
-        self.block_of = {t.name: t.block for t in find_targets(self.model)}
-        self.norm, self.head = _final_layers(self.model, self.prefix)
+        if problem.runner is None or problem.samples is None:
+            raise SvdpressError("this allocation method measures the model's loss: it needs the dense model's "
+                                "runner and calibration samples (compress() passes them)")
+        self.runner, self.cfg, self.spectra = problem.runner, cfg, problem.spectra
+        self.arch, self.device = self.runner.arch, self.runner.device
+        head = self.runner.head
+        self._chunk = _LastChunk(head.rows)
+        self.head = replace(head, rows=self._chunk)
         ids = problem.samples[:cfg.samples, :cfg.seqlen]
-        with self.on_device(), torch.no_grad():
-            self.states = self._block_states(ids)  # states[b][j] = (hidden, kwargs) entering block b, batch j
-            self.ids = [ids[i:i + cfg.batch_size].to(self.device) for i in range(0, len(ids), cfg.batch_size)]
-            self.ref_logp, ref_nll = [], 0.0
-            for j, h in enumerate(self.states[-1]):
-                logits = self._logits(self._run_block(len(self.blocks) - 1, h))
-                self.ref_logp.append(F.log_softmax(logits / cfg.temperature, -1))
-                ref_nll += float(self._nll_sum(logits, self.ids[j]))
-        self.tokens = sum(x.numel() for x in self.ids)
-        self.ref_nll = ref_nll / sum(x[:, 1:].numel() for x in self.ids)
-
-    @contextmanager
-    def on_device(self) -> Iterator[None]:
-        """The model on the probe's device for a series of measurements (a no-op when already there)."""
-        home = next(self.model.parameters()).device
-        if home == torch.device(self.device) or (home.type == "cuda" and self.device == "cuda"):
-            yield
-            return
-        self.model.to(self.device)
-        try:
-            yield
-        finally:
-            self.model.to(home)
-
-    @torch.no_grad()
-    def _block_states(self, ids: torch.Tensor) -> list[list[tuple]]:
-        states = [block_inputs(self.model, ids, self.cfg.batch_size, self.device)]
-        self.model.to(self.device)  # block_inputs parks the embeddings back on the CPU
-        states[0] = [(_to(h, self.device), _to(kw, self.device)) for h, kw in states[0]]
-        for b in range(len(self.blocks) - 1):
-            states.append([(self._run_block(b, s), s[1]) for s in states[b]])
-        return states
-
-    def _run_block(self, b: int, state: tuple) -> torch.Tensor:
-        h, kw = state
-        out = self.blocks[b](h, **kw)
-        return out[0] if isinstance(out, tuple) else out
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h)).float()
+        batches = [ids[i:i + cfg.batch_size] for i in range(0, len(ids), cfg.batch_size)]
+        states = self.runner.embed(batches)
+        hs, self.inputs = self.runner.forward(states, save_inputs=True)  # inputs[b][j]: entering block b, batch j
+        self.kwargs = [kw for _, kw in states]
+        self.targets = []  # per batch, flattened: the next token, −1 after each sequence's last
+        for x in batches:
+            t = torch.full(x.shape, -1, dtype=torch.long)
+            t[:, :-1] = x[:, 1:]
+            self.targets.append(t.reshape(-1).to(self.device))
+        # the dense reference per batch, parked: final hidden states (T, d), their log-normalizer at τ, and
+        # without soft-capping their mean head row (normalizer); never log-probabilities over the vocabulary
+        self.ref: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        ref_nll = 0.0
+        for j, h in enumerate(hs):
+            h = self._flat(self.runner.final(h))
+            lse, nll, _ = vocab_pass(self.head, h, cfg.temperature, self.targets[j])
+            lse, m = normalizer(self.head, h, cfg.temperature, lse, mean=not self.head.softcap)
+            ref_nll += float(nll.sum())
+            self.ref.append(tuple(None if x is None else self.runner.park(x) for x in (h, lse, m)))
+        self._chunk.clear()
+        self.tokens = ids.numel()
+        self.predicted = sum(int((t >= 0).sum()) for t in self.targets)
+        self.ref_nll = ref_nll / self.predicted
 
     @staticmethod
-    def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    def _flat(h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, h.shape[-1])
 
-    @contextmanager
-    def _truncated(self, ranks: Mapping[str, Optional[int]]) -> Iterator[None]:
-        """Swap W_r = U_r S_r V_r into the dense layers for the duration of a measurement."""
-        saved = {}
+    def block_of(self, name: str) -> int:
         try:
-            for name, r in ranks.items():
-                if r is None:
-                    continue
-                layer = self.model.get_submodule(name)
-                saved[name] = layer.weight.data
-                layer.weight.data = self.spectra[name].weight(r).to(self.device, saved[name].dtype)
-            yield
-        finally:
-            for name, w in saved.items():
-                self.model.get_submodule(name).weight.data = w
+            return self.arch.block_of(name)
+        except KeyError:
+            raise SvdpressError(f"sensitivity probe: {name} is not a target layer of the model") from None
 
     @torch.no_grad()
     def loss(self, ranks: Mapping[str, Optional[int]]) -> dict[str, float]:
-        """{kl, nll, dnll} of the model with `ranks` applied (None = dense), vs the dense model."""
-        active = [self.block_of[n] for n, r in ranks.items() if r is not None]
-        if not active:
+        """{kl, nll, dnll} of the model with `ranks` applied (None = dense), vs the dense model: blocks
+        start..L−1 (start = the first truncated layer's block) and one pass over the vocabulary chunks."""
+        cut = {name: r for name, r in ranks.items() if r is not None}
+        if not cut:
             return {"kl": 0.0, "nll": self.ref_nll, "dnll": 0.0}
-        start = min(active)
+        start = min(self.block_of(name) for name in cut)
+        overrides = {name: _truncated(self.spectra[name], r) for name, r in cut.items()}
+        states = [(self.inputs[start][j], kw) for j, kw in enumerate(self.kwargs)]
+        hs = self.runner.forward(states, start, None, overrides)
         kl = nll = 0.0
-        with self.on_device(), self._truncated(ranks):
-            for j, state in enumerate(self.states[start]):
-                h = state[0]
-                for b in range(start, len(self.blocks)):
-                    h = self._run_block(b, (h, state[1]))
-                logits = self._logits(h)
-                logp = F.log_softmax(logits / self.cfg.temperature, -1)
-                kl += float(F.kl_div(logp, self.ref_logp[j], log_target=True, reduction="sum"))
-                nll += float(self._nll_sum(logits, self.ids[j]))
-        nll /= sum(x[:, 1:].numel() for x in self.ids)
+        tau = self.cfg.temperature
+        for j, h in enumerate(hs):
+            h = self._flat(self.runner.final(h))
+            h_ref, lse_ref, m = (None if x is None else x.to(self.device) for x in self.ref[j])
+            # KL_t = Σ_v p_v (a_v − b_v) − lse(a) + lse(b), with lse(b) − lse(a) from the shifted pass; the
+            # cross term from the reference's mean head row, or, soft-capped logits not being linear in h, from
+            # its logits recomputed chunk by chunk
+            shift = lse_ref.float()
+            lse, n, cross = vocab_pass(self.head, h, tau, self.targets[j], shift, None if m is not None else h_ref)
+            if m is not None:
+                cross = ((h_ref.float() - h.float()) * m).sum(-1).double() / tau
+            kl += float((cross + lse.double() - (lse_ref - shift.double())).sum())
+            nll += float(n.sum())
+        self._chunk.clear()
+        nll /= self.predicted
         return {"kl": kl / self.tokens, "nll": nll, "dnll": nll - self.ref_nll}
 
 
@@ -199,11 +255,10 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
         jobs = [(f, name) for f in todo for name in problem.shapes]
         per_f: dict[float, dict[str, dict[str, float]]] = {f: {} for f in todo}
         timing = {f: setup / len(todo) for f in todo}
-        with probe.on_device():
-            for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
-                t = time.perf_counter()
-                per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f)})
-                timing[f] += time.perf_counter() - t
+        for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
+            t = time.perf_counter()
+            per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f)})
+            timing[f] += time.perf_counter() - t
         for f in todo:
             problem.cache[("sensitivity", cfg, round(float(f), 6))] = (per_f[f], timing[f], len(per_f[f]))
             for name, v in per_f[f].items():

@@ -43,8 +43,9 @@ def svd_llm_v2(p: AllocationProblem) -> Allocation:
     loss = {n: truncation_loss(p.spectra[n].S, max(1, int(p.ratio * s.break_even)), cfg.loss)
             for n, s in p.shapes.items()}
     groups: dict[str, list[str]] = {}
+    kinds = _kinds(p)
     for n in p.shapes:
-        groups.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+        groups.setdefault(kinds[n], []).append(n)
     keep, uniform_groups = {}, []
     for kind, names in groups.items():
         if any(loss[n] <= 1 for n in names):
@@ -58,3 +59,13 @@ def svd_llm_v2(p: AllocationProblem) -> Allocation:
     ranks = fit_budget(p, ranks, step, priority=loss.get)
     return Allocation(ranks, {"loss": cfg.loss, "uniform_groups": uniform_groups, "rank_multiple": step,
                               "search_s": 0.0})
+
+
+def _kinds(p: AllocationProblem) -> dict[str, str]:
+    """Layer type of each layer (q_proj, …) from the architecture map; without a runner (spectra alone), the last
+    component of its name."""
+    if p.runner is not None:
+        kind = {t.name: t.kind for t in p.runner.arch.targets}
+        if all(n in kind for n in p.shapes):
+            return {n: kind[n] for n in p.shapes}
+    return {n: n.rsplit(".", 1)[-1] for n in p.shapes}

@@ -118,38 +118,3 @@ def topk_logprobs(head: Head, h: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         best_v, pos = cand_v.topk(k, -1)
         best_i = cand_i.gather(-1, pos)
     return best_i, best_v - lse[:, None]
-
-
-@torch.no_grad()
-def lse_at(head: Head, h: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log Σ_v exp(s_tv / τ) per token."""
-    lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
-    for a, b in head.spans(h.shape[0]):
-        lse = torch.logaddexp(lse, torch.logsumexp(head.logits(h, a, b) / temperature, -1))
-    return lse
-
-
-@torch.no_grad()
-def kl_and_nll(head: Head, h: torch.Tensor, h_ref: torch.Tensor, lse_ref: torch.Tensor, temperature: float,
-               targets: torch.Tensor) -> tuple[float, float]:
-    """(Σ_t KL(p_ref,t ‖ q_t) at temperature τ, Σ_t −log q_t(target) at τ = 1) in one pass over the vocabulary.
-
-    With a = s_ref/τ, b = s/τ: KL_t = Σ_v p_v (a_v − b_v) − lse(a) + lse(b), p = exp(a − lse(a)) (lse_ref)."""
-    T = h.shape[0]
-    cross = torch.zeros(T, device=h.device, dtype=torch.float64)
-    lse_b = torch.full((T,), float("-inf"), device=h.device)
-    lse_1 = torch.full((T,), float("-inf"), device=h.device)
-    got = torch.zeros(T, device=h.device)
-    for a0, b0 in head.spans(T):
-        z = head.logits(h, a0, b0)
-        za = head.logits(h_ref, a0, b0) / temperature
-        zb = z / temperature
-        p = torch.exp(za - lse_ref[:, None])
-        cross += (p * (za - zb)).sum(-1).double()
-        lse_b = torch.logaddexp(lse_b, torch.logsumexp(zb, -1))
-        lse_1 = torch.logaddexp(lse_1, torch.logsumexp(z, -1))
-        inside = (targets >= a0) & (targets < b0)
-        if inside.any():
-            got = torch.where(inside, z.gather(-1, (targets - a0).clamp(0, b0 - a0 - 1)[:, None])[:, 0], got)
-    kl = cross - lse_ref.double() + lse_b.double()
-    return float(kl.sum()), float((lse_1 - got).double().sum())
