@@ -157,7 +157,8 @@ def param_report(model_dense_total: int, model: nn.Module, shapes, ranks, pivga:
 
 
 def compress(model_or_id: Any = None, config: CompressConfig | None = None, tokenizer=None, **overrides):
-    """Compress a causal LM; returns (compressed model, report dict). Writes `config.out` if set.
+    """Compress a causal LM; returns (compressed model, report dict). Writes `config.out` if set. A model that
+    was streamed from disk is never in memory: then the model returned is None (load `config.out`).
 
     `model_or_id`: a hub id / path / "default", or an already loaded model (then pass its `tokenizer`).
     The model is run through a `Runner` (model/runner.py) that owns its placement: with `offload="disk"`
@@ -263,7 +264,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                 _record_time(report, stages, t0)
                 writer.finish(runner, tokenizer, report, extra)
         _record_time(report, stages, t0)
-    return model, report
+        streamed = runner.offload == "disk"
+    return (None if streamed else model), report
 
 
 def _record_time(report: dict, stages: Stages, t0: float) -> None:

@@ -408,7 +408,8 @@ class Runner:
         head = self.model.get_submodule(self.arch.head_path)
         w = head.weight
         bias = getattr(head, "bias", None)
-        bias = bias.to(self.device) if bias is not None and not _on_meta(bias) else None
+        if bias is not None:
+            bias = (self._read(f"{self.arch.head_path}.bias") if _on_meta(bias) else bias).to(self.device)
         if _on_meta(w):
             name = f"{self.arch.head_path}.weight"
             if w.numel() * w.element_size() * 4 <= self.budget():  # small enough to keep: read it once
