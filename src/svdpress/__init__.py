@@ -12,6 +12,9 @@ from .config import CompressConfig, EvalConfig  # noqa: E402
 from .errors import SvdpressError  # noqa: E402
 
 
+from . import evaluate as _evaluate_package  # noqa: E402,F401  (loaded first: the function below keeps its name)
+
+
 def compress(model_or_id=None, config=None, tokenizer=None, **overrides):
     """Compress a model; see `svdpress.pipeline.compress`."""
     from .pipeline import compress as _compress

@@ -103,7 +103,7 @@ def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool 
     """Swap every layer with a rank for a LowRankLinear holding A = U_r√S_r, B = √S_r V_r (no dense W kept),
     block by block through the runner; with `pivga` each block is gauge-fixed right away. `write` receives each
     finished block's tensors (the export's shard writer). Returns the PivGa report when asked for."""
-    from .pivga import apply_pivga
+    from .pivga import apply_pivga, merge_reports
 
     model, arch = runner.model, runner.arch
     absorbers = dict(arch.absorbers)
@@ -125,19 +125,8 @@ def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool 
 
     for i in tqdm(range(len(runner.blocks)), desc="build", unit="block", disable=not progress):
         runner.rebuild_block(i, factor(i), write)
-    return _merge_pivga(reports) if pivga else None
+    return merge_reports(reports) if pivga else None
 
-
-def _merge_pivga(reports: list[dict]) -> dict:
-    """One PivGa report from the per-block ones (sums and unions; the fixed texts of any one)."""
-    out: dict[str, Any] = {"params_saved": 0, "per_layer": {}, "layers": {}, "absorbed": [], "rank_reduced": {}}
-    for r in reports:
-        out["params_saved"] += r["params_saved"]
-        for key in ("per_layer", "layers", "rank_reduced"):
-            out[key].update(r[key])
-        out["absorbed"] += r["absorbed"]
-        out.update({k: v for k, v in r.items() if k not in out})
-    return out
 
 
 def param_report(model_dense_total: int, model: nn.Module, shapes, ranks, pivga: bool = False) -> dict:

@@ -5,15 +5,21 @@ columns, B·P = Q·[R11 | R12]; with G = B0⁻¹ the skeleton block becomes the 
 C = A·B0 = A·Q·R11 and D = B0⁻¹·B1 = R11⁻¹·R12, so W = C·[I | D]·Pᵀ with r·(m+n) − r² parameters.
 Column pivoting keeps |D| bounded (every |R11⁻¹R12| entry is small in practice; the maximum is reported).
 
-Speed: the gather x[perm] is avoided where the producing layer can emit its outputs already permuted
-(`ABSORBERS`: the MLP intermediate feeding down_proj is elementwise in gate/up, so their output rows are
-permuted instead). Attention's o_proj is not absorbed: v_proj rows can only be permuted within a head (and
-identically for every query head of a group), which cannot move a skeleton column across heads.
+Speed: the gather x[perm] is avoided where the producing layers can emit their outputs already permuted.
+Which layer feeds which comes from the architecture map (`ArchMap.absorbers`, consumer → producers, e.g. the
+MLP intermediate feeding down_proj is elementwise in gate/up, so their output rows are permuted instead); each
+absorption is checked on a random input and undone when the output changes. Attention's o_proj is not absorbed:
+v_proj rows can only be permuted within a head (and identically for every query head of a group), which cannot
+move a skeleton column across heads.
+
+`apply_pivga(model, names=...)` converts only the named layers, so a streaming export can gauge-fix one decoder
+block while it is materialized (`merge_reports` joins the per-block reports); the result is the same as one
+whole-model call.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -25,10 +31,14 @@ from .errors import SvdpressError
 from .lowrank import LowRankLinear, PivGaLinear, set_module
 from .params import LayerShape, layer_params, model_params
 
+if TYPE_CHECKING:
+    from .model import ArchMap
+
 RANK_RTOL = 1e-10  # |R_kk| ≤ RANK_RTOL·|R_00| in float64: B has rank < k (e.g. duplicate rows); drop the tail
 
-# consumer leaf name → sibling producers whose output rows feed it elementwise (Llama/Mistral/Qwen/Gemma MLPs)
-ABSORBERS: dict[str, tuple[str, ...]] = {"down_proj": ("gate_proj", "up_proj")}
+PIVOTING = "column-pivoted QR of B in float64 (scipy.linalg.qr, pivoting=True)"
+NOTE = ("per_layer = r² parameters removed by gauge fixing; layers whose B had numerical rank < r are stored at "
+        "that rank (rank_reduced), which is still exact")
 
 
 def interpolative(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,52 +79,121 @@ def permute_rows(tensors: list[torch.Tensor], perm: torch.Tensor) -> None:
             t.copy_(t[perm.to(t.device)])
 
 
-def absorb(model: nn.Module, name: str, layer: PivGaLinear, check_seed: int = 0) -> bool:
+def absorbers_of(model: nn.Module, arch: Optional["ArchMap"] = None,
+                 consumers: Optional[Iterable[str]] = None) -> dict[str, list[str]]:
+    """consumer name → producer names whose output rows feed the consumer's input elementwise (the
+    architecture map's pairs, which it keeps for factored layers too), restricted to `consumers` when given."""
+    from .model import arch_map
+
+    arch = arch or arch_map(model)
+    want = None if consumers is None else set(consumers)
+    return {k: list(v) for k, v in arch.absorbers.items() if want is None or k in want}
+
+
+def _find(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _common_parent(names: Sequence[str]) -> str:
+    """The deepest module containing every named layer (e.g. the MLP for down_proj and gate/up)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for level in zip(*parts):
+        if any(x != level[0] for x in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple())
+    raise TypeError(f"no tensor in a {type(out).__name__} output")
+
+
+def absorb(model: nn.Module, name: str, layer: PivGaLinear, producers: Sequence[str], check_seed: int = 0) -> bool:
     """Permute the producers' output rows so `layer` receives its input already in `perm` order, when the
-    producers are known (ABSORBERS) and the parent module's output stays the same (checked on a random input)."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    producers = [getattr(parent, p, None) for p in ABSORBERS.get(leaf, ())]
-    rows = [output_weights(p) if p is not None else None for p in producers]
-    if not producers or any(r is None for r in rows):
+    module holding them all gives the same output (checked on a random input); undone otherwise."""
+    mods = [_find(model, p) for p in producers]
+    rows = [output_weights(p) if p is not None else None for p in mods]
+    if not mods or any(r is None for r in rows):
         return False
-    n_in = next(iter(producers)).in_features
+    parent_name = _common_parent([name, *producers])
+    parent = model.get_submodule(parent_name) if parent_name else model
+    n_in = mods[0].in_features
     w = layer.C.weight
     x = torch.randn(2, 3, n_in, generator=torch.Generator().manual_seed(check_seed), dtype=torch.float32)
     x = x.to(device=w.device, dtype=w.dtype)
     perm = layer.perm.clone()
     inv = torch.argsort(perm)
-    with torch.no_grad():
-        before = parent(x)
+    try:
+        with torch.no_grad():
+            before = _first_tensor(parent(x))
+    except Exception:  # a module that needs more than hidden states: cannot check, so do not absorb
+        return False
+    permuted = False
+    try:
+        with torch.no_grad():
+            for r in rows:
+                permute_rows(r, perm)
+            permuted = True
+            layer.input_permuted()
+            after = _first_tensor(parent(x))
+        tol = 1e-3 if w.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if torch.allclose(after, before, rtol=tol, atol=tol * float(before.abs().max())):
+            return True
+    except Exception:
+        pass
+    if permuted:  # not elementwise after all: undo
         for r in rows:
-            permute_rows(r, perm)
-        layer.input_permuted()
-        after = parent(x)
-    tol = 1e-3 if w.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    if torch.allclose(after, before, rtol=tol, atol=tol * float(before.abs().max())):
-        return True
-    for r in rows:  # not elementwise after all: undo
-        permute_rows(r, inv)
+            permute_rows(r, inv)
     with torch.no_grad():
         layer.perm.copy_(perm)
     layer._gather = None
     return False
 
 
-def apply_pivga(model: nn.Module, absorb_permutations: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Convert every LowRankLinear of `model` in place; returns {params_saved, per_layer, layers, absorbed}."""
-    names = [n for n, m in model.named_modules() if type(m) is LowRankLinear]
-    if not names:
-        raise SvdpressError("PivGa needs a compressed model: no LowRankLinear layers found")
+def apply_pivga(model: nn.Module, arch: Optional["ArchMap"] = None, names: Optional[Iterable[str]] = None,
+                absorb_permutations: bool = True, progress: bool = True,
+                absorbers: Optional[Mapping[str, Sequence[str]]] = None) -> dict[str, Any]:
+    """Convert the LowRankLinear layers of `model` in place (all of them, or those among `names`) and absorb
+    their input permutations into their producers where `absorbers` (consumer → producers; default: from the
+    architecture map `arch`, built from `model` when None) says so and a check on a random input agrees.
+    Returns {params_saved, per_layer, layers, absorbed, rank_reduced, pivoting, note}.
+
+    With `names` (e.g. one decoder block's layers while it is materialized) a missing or non-LowRankLinear name
+    is skipped and an empty report is returned when nothing is left to convert; without, a model with no
+    LowRankLinear layer is an error."""
+    if names is None:
+        todo = [n for n, m in model.named_modules() if type(m) is LowRankLinear]
+        if not todo:
+            raise SvdpressError("PivGa needs a compressed model: no LowRankLinear layers found")
+    else:
+        todo = [n for n in dict.fromkeys(names) if type(_find(model, n)) is LowRankLinear]
+    if absorb_permutations and absorbers is None and todo:
+        absorbers = absorbers_of(model, arch, todo)
     layers: dict[str, dict] = {}
-    for name in tqdm(names, desc="pivga", disable=not progress):
+    for name in tqdm(todo, desc="pivga", disable=not progress or not todo):
         old = model.get_submodule(name)
         new = to_pivga(old)
         set_module(model, name, new)
         layers[name] = {"rank": new.rank, "rank_before": old.rank, "saved": new.rank ** 2,
                         "max_abs_D": float(new.D.weight.detach().abs().max()) if new.D.weight.numel() else 0.0}
-    for name in names:
-        layers[name]["gather"] = not (absorb_permutations and absorb(model, name, model.get_submodule(name)))
+    for name in todo:
+        producers = list((absorbers or {}).get(name, ()))
+        done = absorb_permutations and bool(producers) and absorb(model, name, model.get_submodule(name), producers)
+        layers[name]["gather"] = not done
+    return _report(layers)
+
+
+def _report(layers: dict[str, dict]) -> dict[str, Any]:
     reduced = {n: (x["rank_before"], x["rank"]) for n, x in layers.items() if x["rank"] < x["rank_before"]}
     return {
         "params_saved": sum(x["saved"] for x in layers.values()),
@@ -122,10 +201,17 @@ def apply_pivga(model: nn.Module, absorb_permutations: bool = True, progress: bo
         "layers": layers,
         "absorbed": [n for n, x in layers.items() if not x["gather"]],
         "rank_reduced": reduced,
-        "pivoting": "column-pivoted QR of B in float64 (scipy.linalg.qr, pivoting=True)",
-        "note": "per_layer = r² parameters removed by gauge fixing; layers whose B had numerical rank < r are "
-                "stored at that rank (rank_reduced), which is still exact",
+        "pivoting": PIVOTING,
+        "note": NOTE,
     }
+
+
+def merge_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One report from per-block `apply_pivga(..., names=...)` reports (the whole-model call's report)."""
+    layers: dict[str, dict] = {}
+    for r in reports:
+        layers.update(r["layers"])
+    return _report(layers)
 
 
 def record_in_manifest(manifest: dict, model: nn.Module, report: dict) -> dict:

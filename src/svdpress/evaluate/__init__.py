@@ -1,5 +1,7 @@
-"""Evaluation: perplexity here; zero-shot, speed and memory in sibling modules."""
+"""Evaluation through the model runner: perplexity and the whole evaluation (`evaluate`) here; zero-shot, speed
+and memory in sibling modules."""
 
 from .perplexity import perplexity, text_perplexity
+from .run import evaluate
 
-__all__ = ["perplexity", "text_perplexity"]
+__all__ = ["evaluate", "perplexity", "text_perplexity"]

@@ -1,58 +1,142 @@
 """Perplexity on non-overlapping windows (the WikiText protocol of GPTQ / SVD-LLM).
 
-The held-out (second) half of a text is tokenized once and cut into windows of `seqlen` tokens; ppl =
-exp(Σ NLL / #predicted tokens) over every window. The token NLL is computed from float32 log-softmax.
+The held-out (second) half of a text is tokenized once and cut into windows of `seqlen` tokens (a shorter
+tail window is kept when it has at least 2 tokens); ppl = exp(Σ NLL / #predicted tokens) over every window.
+
+The model runs through the `Runner`, which owns placement: windows are embedded in batches of `batch_size`,
+and a group of batches (≤ `GROUP_WINDOWS` windows, ≤ `GROUP_BYTES` of hidden states) goes through the decoder
+block by block (`runner.forward`), so a streamed model reads each block once per group. After the final norm
+the token NLL comes from the chunked-vocabulary head (`head.nll_sum`, float32 logits, never all at once).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-import torch.nn.functional as F
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..data import evaluation_tokens
+from ..model.head import nll_sum
+
+if TYPE_CHECKING:
+    from ..model import Runner
+
+GROUP_WINDOWS = 64  # windows per runner.forward call (each streamed block is loaded once per group)
+GROUP_BYTES = 1 << 30  # hidden states of a group (parked between blocks; its embeddings sit on the device at once)
+HEAD_BYTES = 256 << 20  # final hidden states scored by one pass over the head (one read of a streamed head)
 
 
 def model_max_length(model: nn.Module) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def windows(tokens: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
+    """Non-overlapping windows of `seqlen` tokens; a shorter tail is kept when it has at least 2 tokens."""
+    ids = tokens.reshape(-1)
+    return [ids[i:i + seqlen] for i in range(0, len(ids), seqlen) if len(ids[i:i + seqlen]) >= 2]
+
+
+def batches(wins: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Consecutive windows `batch_size` at a time, split by length (only the tail window is shorter)."""
+    out = []
+    for i in range(0, len(wins), batch_size):
+        by_len: dict[int, list[torch.Tensor]] = {}
+        for w in wins[i:i + batch_size]:
+            by_len.setdefault(len(w), []).append(w)
+        out += [torch.stack(same) for same in by_len.values()]
+    return out
+
+
+def _hidden_size(runner: "Runner") -> int:
+    cfg = getattr(runner.model, "config", None)
+    d = getattr(cfg, "hidden_size", None)
+    if d is None:
+        d = runner.model.get_submodule(runner.arch.embed_path).weight.shape[-1]
+    return int(d)
+
+
+def groups(runner: "Runner", xs: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Batches gathered into groups run through the decoder together; a resident model runs batch by batch
+    (every group costs no extra weight traffic there, so it keeps its activations small)."""
+    if runner.offload == "none":
+        yield from ([x] for x in xs)
+        return
+    item = torch.finfo(runner.dtype).bits // 8
+    per_token = _hidden_size(runner) * item
+    group: list[torch.Tensor] = []
+    wins = toks = 0
+    for x in xs:
+        if group and (wins + x.shape[0] > GROUP_WINDOWS or (toks + x.numel()) * per_token > GROUP_BYTES):
+            yield group
+            group, wins, toks = [], 0, 0
+        group.append(x)
+        wins += x.shape[0]
+        toks += x.numel()
+    if group:
+        yield group
+
+
+class _Scorer:
+    """Σ NLL of next tokens from the last block's outputs: final norm, then the head over vocabulary chunks.
+    Final hidden states of consecutive batches are scored together, HEAD_BYTES at a time, so a streamed head is
+    read once per pass, not once per batch; passes depend only on the batches, never on the placement, so every
+    placement sums the same numbers in the same order."""
+
+    def __init__(self, runner: "Runner") -> None:
+        self.runner, self.head = runner, runner.head
+        self.hs: list[torch.Tensor] = []
+        self.ts: list[torch.Tensor] = []
+        self.size = 0
+        self.nll = 0.0
+        self.count = 0
+
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        h = self.runner.final(out)[:, :-1]
+        self.hs.append(h.reshape(-1, h.shape[-1]))
+        self.ts.append(x[:, 1:].reshape(-1).to(h.device))
+        self.count += self.ts[-1].numel()
+        self.size += self.hs[-1].numel() * self.hs[-1].element_size()
+        if self.size >= HEAD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.hs:
+            h, t = torch.cat(self.hs), torch.cat(self.ts)
+            self.hs.clear()
+            self.ts.clear()
+            self.nll += float(nll_sum(self.head, h, t))
+        self.size = 0
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: int = 1,
+def perplexity(runner: "Runner", tokens: torch.Tensor, seqlen: int, batch_size: int = 1,
                progress: bool = True, desc: str = "ppl") -> float:
     """exp of the mean next-token NLL over non-overlapping windows of `seqlen` tokens (a shorter tail window
-    is kept when it has at least 2 tokens)."""
-    device = next(model.parameters()).device
-    ids = tokens.reshape(-1)
-    windows = [ids[i:i + seqlen] for i in range(0, len(ids), seqlen) if len(ids[i:i + seqlen]) >= 2]
-    nll, count = 0.0, 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-        group = windows[i:i + batch_size]
-        for same in _by_length(group):
-            x = torch.stack(same).to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            count += x[:, 1:].numel()
-    return math.exp(nll / count)
+    is kept when it has at least 2 tokens), computed through `runner` without moving the model."""
+    xs = batches(windows(tokens, seqlen), max(1, batch_size))
+    if not xs:
+        raise ValueError("perplexity needs at least 2 tokens")
+    scorer = _Scorer(runner)
+    with tqdm(total=sum(x.shape[0] for x in xs), desc=desc, disable=not progress, leave=False, unit="win") as bar:
+        for group in groups(runner, xs):
+            outs = runner.forward(runner.embed(group))
+            for x, out in zip(group, outs):
+                scorer.add(x, out)
+            del outs
+            bar.update(sum(x.shape[0] for x in group))
+    scorer.flush()
+    return math.exp(scorer.nll / scorer.count)
 
 
-def _by_length(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[int, list[torch.Tensor]] = {}
-    for w in windows:
-        groups.setdefault(len(w), []).append(w)
-    return list(groups.values())
-
-
-def text_perplexity(model: nn.Module, tokenizer, name: str, seqlen: int | None = None, limit: int | None = None,
+def text_perplexity(runner: "Runner", tokenizer, name: str, seqlen: int | None = None, limit: int | None = None,
                     batch_size: int = 1, progress: bool = True) -> dict:
-    """Perplexity of `model` on the evaluation half of text `name`, with what was measured."""
-    max_len = model_max_length(model)
+    """Perplexity of the runner's model on the evaluation half of text `name`, with what was measured."""
+    max_len = model_max_length(runner.model)
     seqlen = seqlen or 2048
     seqlen = min(seqlen, max_len) if max_len else seqlen
     tokens, part = evaluation_tokens(tokenizer, name, limit)
-    ppl = perplexity(model, tokens, seqlen, batch_size, progress, desc=f"ppl {name}")
+    ppl = perplexity(runner, tokens, seqlen, batch_size, progress, desc=f"ppl {name}")
     return {"text": name, "ppl": ppl, "tokens": int(tokens.numel()), "seqlen": seqlen, "part": part.describe()}

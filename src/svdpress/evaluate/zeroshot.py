@@ -1,6 +1,7 @@
 """Zero-shot accuracy through lm-evaluation-harness (scored by lm-eval itself, never re-implemented here).
 
-Our in-memory model (dense or factored) is wrapped in lm-eval's `HFLM` and handed to `lm_eval.simple_evaluate`:
+The model (dense or factored), as its `Runner` places it (`runner.streamed()`: resident, or streamed block by
+block from CPU RAM or disk), is wrapped in lm-eval's `HFLM` and handed to `lm_eval.simple_evaluate`:
 acc = mean[argmax_i loglik(choice_i) == target], acc_norm the same with loglik / len(choice_i in bytes).
 
 Task data: with the hub, lm-eval's own task configs. Offline, the `<task>_local` groups shipped in
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch.nn as nn
 
 from ..errors import SvdpressError
 from .tasks import TASK_DIR
 from .tasks.local_data import data_root
+
+if TYPE_CHECKING:
+    from ..model import Runner
 
 PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
 SOURCES = ("auto", "local", "hub")
@@ -63,30 +67,34 @@ def resolve_tasks(tasks: Sequence[str], source: str = "auto") -> dict[str, str]:
     return out
 
 
-def zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str], limit: Optional[int] = None, seed: int = 0,
-              batch_size: int = 1, device: str = "cpu", source: str = "auto") -> dict[str, dict[str, Any]]:
-    """{task: {acc, acc_stderr, acc_norm (when the task has it), n, split, source, lm_eval_task}}."""
+def zero_shot(runner: "Runner", tokenizer, tasks: Sequence[str], limit: Optional[int] = None, seed: int = 0,
+              batch_size: int = 1, source: str = "auto") -> dict[str, dict[str, Any]]:
+    """{task: {acc, acc_stderr, acc_norm (when the task has it), n, split, source, lm_eval_task}}.
+
+    lm-eval drives the model's ordinary forward: `runner.streamed()` gives the model as it is placed (resident,
+    or with each decoder block brought to the device by hooks while it runs); nothing is moved here."""
     if limit is not None and limit < 1:
         raise SvdpressError("--limit for tasks must be ≥ 1")
     names = resolve_tasks(tasks, source)
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size)
-    finally:
-        model.to(home)
+    with runner.streamed() as model:
+        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size, device=str(runner.device))
     return {t: _task_result(raw, t, n, limit) for t, n in names.items()}
 
 
 def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optional[int], seed: int,
-                batch_size: int) -> dict:
-    """lm_eval.simple_evaluate on an already loaded model (HFLM takes the device from the model)."""
+                batch_size: int, device: Optional[str] = None) -> dict:
+    """lm_eval.simple_evaluate on a model already placed by its runner. HFLM ignores its `device` argument for
+    a model object and reads `model.device` (its first parameter), which is meta under disk streaming when that
+    parameter lives in a block: the inputs' device is therefore set to the runner's execution device."""
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if device is not None:
+        lm._device = torch.device(device)  # where HFLM puts the token ids (no public setter)
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
                                        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

@@ -344,9 +344,13 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
             have = {p for p, _ in linears}
             groups[i] = [[f"{prefix}.{p}" for p in g if p in have] for g in fam.groups]
             groups[i] = [g for g in groups[i] if g]
-            for consumer, producers in fam.pairs:
-                if consumer in have and all(_exists(block, p) for p in producers):
-                    absorbers[f"{prefix}.{consumer}"] = [f"{prefix}.{p}" for p in producers]
+            pairs = fam.pairs
+        else:  # discovered: the Llama-style MLP pair when its three layers are there (PivGa checks it anyway)
+            pairs = (("mlp.down_proj", MLP),)
+        kinds = (nn.Linear,) + _factored_kinds()  # a factored model keeps its pairs
+        for consumer, producers in pairs:
+            if all(_exists(block, p) and isinstance(block.get_submodule(p), kinds) for p in (consumer, *producers)):
+                absorbers[f"{prefix}.{consumer}"] = [f"{prefix}.{p}" for p in producers]
     everything = list(found)
     _check_patterns(model, everything, targets, ignore, len(blocks))
     if targets:

@@ -232,11 +232,11 @@ class Runner:
             for n in names:
                 t = sd[n]
                 _set_tensor(self.model, n, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        for names in self._aliases.values():
-            if len(names) > 1:
+        for n, names in self._aliases.items():  # tied tensors stay one (meta) tensor; reads go through aliases
+            if len(names) > 1 and n == names[0]:
                 for other in names[1:]:
-                    if other not in self.source and names[0] in self.source:
-                        self.source.where[other] = self.source.where[names[0]]
+                    mod_name, _, leaf = other.rpartition(".")
+                    setattr(self.model.get_submodule(mod_name), leaf, self._tensor(n))
 
     # ---- blocks -------------------------------------------------------------------------------------------
 
@@ -333,7 +333,12 @@ class Runner:
         meanwhile by a recorder that keeps its arguments and passes its input through (no weights are needed);
         the last one stops the forward. The kwargs are a BlockKwargs: block 0's, and what differs per block."""
         emb = self.model.get_submodule(self.arch.embed_path)
-        hidden = [self._lookup(emb, ids) for ids in batches]
+        if _on_meta(emb.weight):  # one chunked pass over the vocabulary for every batch (kept on the CPU)
+            flat = self._lookup(emb, torch.cat([b.reshape(-1) for b in batches]))
+            hidden = list(flat.split([b.numel() for b in batches]))
+            hidden = [h.view(*b.shape, -1) for h, b in zip(hidden, batches)]
+        else:
+            hidden = batches  # looked up one batch at a time below
         states: list[State] = []
         calls: list[tuple[torch.Tensor, dict]] = []
         last = len(self.blocks) - 1
@@ -354,6 +359,8 @@ class Runner:
         try:
             for h in hidden:
                 calls.clear()
+                if h is not None and not h.is_floating_point():
+                    h = emb(h.to(emb.weight.device))
                 try:
                     self.model(inputs_embeds=h.to(self.device), use_cache=False)
                 except _Stop:
@@ -369,9 +376,7 @@ class Runner:
         return states
 
     def _lookup(self, emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        if not _on_meta(emb.weight):
-            w = emb.weight
-            return emb(ids.to(w.device)).to(self.device)
+        """Embedding rows of `ids` read from disk one vocabulary chunk at a time (on the CPU)."""
         name = self.embed_matrix_name()
         V, d = emb.weight.shape
         out = torch.zeros(*ids.shape, d, dtype=self.dtype)
@@ -385,7 +390,7 @@ class Runner:
         scale = getattr(emb, "embed_scale", None)
         if scale is not None:
             out = out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
-        return out.to(self.device)
+        return out
 
     def _rows(self, name: str, a: int, b: int) -> torch.Tensor:
         for alias in [name] + self._aliases.get(name, []):
@@ -515,6 +520,7 @@ class Runner:
         big = [self.embed_matrix_name(), f"{self.arch.head_path}.weight"]
         placed = []
         handles = []
+        open_blocks: list[list] = []
         try:
             for name in dict.fromkeys(big):
                 t = self._tensor(name)
@@ -530,6 +536,7 @@ class Runner:
                         setattr(self.model.get_submodule(mod_name), leaf, self._tensor(n))
             for i, blk in enumerate(self.blocks):
                 ctx: list = []
+                open_blocks.append(ctx)
 
                 def pre(_m, _a, i=i, ctx=ctx):
                     ctx.append(self.block(i))
@@ -543,6 +550,9 @@ class Runner:
         finally:
             for h in handles:
                 h.remove()
+            for ctx in open_blocks:  # a block whose forward raised never reached its post-hook
+                while ctx:
+                    ctx.pop().__exit__(None, None, None)
             for name, t in placed:
                 _set_tensor(self.model, name, t)
 

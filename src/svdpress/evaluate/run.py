@@ -1,0 +1,28 @@
+"""One evaluation of a placed model: perplexities on the named texts, then zero-shot tasks when asked.
+
+The model is never moved here: the `Runner` that owns its placement (resident, or streamed block by block from
+CPU RAM or disk) runs it, for perplexity through `runner.forward` and for lm-eval through `runner.streamed()`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..config import EvalConfig
+from .perplexity import text_perplexity
+
+if TYPE_CHECKING:
+    from ..model import Runner
+
+
+def evaluate(runner: "Runner", tokenizer, cfg: EvalConfig, progress: bool = True) -> dict:
+    """{"ppl": {text: text_perplexity record}, "tasks": {task: zero-shot record} (only when cfg.tasks)}."""
+    out: dict[str, Any] = {"ppl": {}}
+    for name in cfg.ppl:
+        out["ppl"][name] = text_perplexity(runner, tokenizer, name, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
+    if cfg.tasks:
+        from .zeroshot import zero_shot
+
+        out["tasks"] = zero_shot(runner, tokenizer, cfg.tasks, limit=cfg.task_limit, seed=cfg.seed,
+                                 batch_size=cfg.batch_size, source=cfg.task_source)
+    return out
