@@ -47,7 +47,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     (d / "config.json").write_text("{ not json")
     (d / "svdpress.json").write_text("{}")
     assert main(["eval", str(d), "--no-progress"]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+    assert "config.json is not readable JSON" in capsys.readouterr().err
 
 
 def test_cli_end_to_end_on_a_local_model(tiny_model_dir, text_file, tmp_path):

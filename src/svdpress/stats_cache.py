@@ -67,9 +67,13 @@ class Entry:
         self.key = key
         self.path = root / f"{key['kind']}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
 
-    def valid_files(self) -> Optional[list[Path]]:
+    def valid_files(self, quiet: bool = False) -> Optional[list[Path]]:
         """The entry's files if its manifest matches the key and every checksum holds; None (with a warning
-        when something was there) otherwise."""
+        when something was there, unless `quiet`) otherwise."""
+        if quiet:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return self.valid_files()
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
             if manifest.get("key") != self.key:
@@ -103,10 +107,20 @@ class _Writer:
         self.files[name] = _file_sha256(self.tmp / name)
 
     def commit(self) -> None:
+        """Publish the entry under a lock on the cache directory. When another process published a valid entry
+        for the same key meanwhile, that one is kept (it holds the same statistics) and ours is dropped."""
+        from .export import dir_lock
+
         (self.tmp / MANIFEST).write_text(json.dumps({"key": self.entry.key, "files": self.files}, indent=1))
-        if self.entry.path.exists():
-            shutil.rmtree(self.entry.path)
-        os.replace(self.tmp, self.entry.path)
+        path = self.entry.path
+        with dir_lock(path.parent):
+            if path.exists():
+                if self.entry.valid_files(quiet=True) is not None:
+                    return  # abort() removes our copy
+                trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.tmp, path)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

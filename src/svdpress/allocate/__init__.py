@@ -57,6 +57,29 @@ class Allocation:
 
 
 ALLOCATORS: Registry[Callable[[AllocationProblem], Allocation]] = Registry("allocation", __name__)
+OPTIONS: dict[str, Optional[type]] = {}  # method → its settings dataclass (None: the method takes none)
+
+
+def allocator(name: str, options: Optional[type] = None):
+    """Register an allocation method and the dataclass of its `--opt` settings (checked before any work)."""
+    def deco(fn):
+        OPTIONS[name] = options
+        return ALLOCATORS.register(name)(fn)
+    return deco
+
+
+def check_options(method: str, options: Mapping[str, Any]):
+    """The method's settings filled from `--opt` (unknown keys and wrong types are errors naming the valid
+    ones), or None for a method without settings. Runs before the model is loaded."""
+    ALLOCATORS[method]  # an unknown method is a clear error (and every method module is imported)
+    cls = OPTIONS.get(method)
+    if cls is None:
+        if options:
+            raise SvdpressError(f"--allocate {method} takes no options; got {', '.join(sorted(options))}")
+        return None
+    from .common import fill_config
+
+    return fill_config(cls, options, method)
 
 
 def round_down(r: float, multiple: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..params import count_params
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
 from .common import fill_config, fit_budget, rank_at, step_of
 from .sensitivity import layer_sensitivity, probe_config
 
@@ -42,7 +42,7 @@ def _apply(p: AllocationProblem, triples: list[tuple[str, float, float]], step: 
     return {name: rank_at(s, frac.get(name, 1.0), step) for name, s in p.shapes.items()}
 
 
-@ALLOCATORS.register("asvd-threshold")
+@allocator("asvd-threshold", options=AsvdThresholdConfig)
 def asvd_threshold(p: AllocationProblem) -> Allocation:
     cfg = fill_config(AsvdThresholdConfig, p.options, "asvd-threshold")
     step = step_of(p, cfg.rank_multiple)

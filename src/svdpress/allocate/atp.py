@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import SvdpressError
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
 from .common import block_index, fill_config, fit_budget, rank_at, step_of
 from .sensitivity import get_probe, probe_config
 
@@ -40,7 +40,7 @@ def atp_ranks(p: AllocationProblem, beta: float, step: int) -> dict:
     return fit_budget(p, ranks, step, priority=lambda n: -blocks[n])
 
 
-@ALLOCATORS.register("atp")
+@allocator("atp", options=AtpConfig)
 def atp(p: AllocationProblem) -> Allocation:
     cfg = fill_config(AtpConfig, p.options, "atp")
     step = step_of(p, cfg.rank_multiple)

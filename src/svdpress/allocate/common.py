@@ -10,6 +10,9 @@ when each spends the same parameters, so each one ends with `fit_budget`, which 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from ..errors import SvdpressError
@@ -20,18 +23,67 @@ C = TypeVar("C")
 
 
 def fill_config(cls: type[C], options: Mapping[str, Any], method: str, ignore: tuple[str, ...] = ()) -> C:
-    """The method's config dataclass filled from `--opt key=value`; an unknown key is a user error."""
+    """The method's config dataclass filled from `--opt key=value`: an unknown key or a value of the wrong type
+    is a user error naming the valid keys; values are converted to the fields' types. The config's own
+    `check()` / `validate()` then checks ranges."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in options if k not in names and k not in ignore)
     if unknown:
         raise SvdpressError(f"unknown option(s) for --allocate {method}: {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(names))}")
-    kw = {k: v for k, v in options.items() if k in names}
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for k, v in options.items():
+        if k not in names:
+            continue
+        try:
+            kw[k] = coerce(hints[k], v)
+        except (TypeError, ValueError):
+            raise SvdpressError(f"--opt {k}={v!r} for --allocate {method} is not a valid "
+                                f"{getattr(hints[k], '__name__', str(hints[k]))}") from None
     cfg = cls(**kw)
-    check = getattr(cfg, "check", None)
-    if check is not None:
-        check()
+    for check in ("check", "validate"):
+        if callable(getattr(cfg, check, None)):
+            getattr(cfg, check)()
     return cfg
+
+
+def coerce(tp: Any, v: Any) -> Any:
+    """`v` (from JSON or a plain string) as type `tp`: bool, int, float (finite), str, Optional[X], tuple[X, ...]."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if v is None or (isinstance(v, str) and v.lower() in ("none", "null")):
+            return None
+        return coerce(next(a for a in args if a is not type(None)), v)
+    if typing.get_origin(tp) is tuple:
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(v)
+        return tuple(coerce(args[0], x) for x in items)
+    if tp is bool:
+        if isinstance(v, str):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(v)
+            return v.lower() in ("true", "1")
+        if not isinstance(v, (bool, int)):
+            raise TypeError(v)
+        return bool(v)
+    if tp is int:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(v)
+        return int(v)
+    if tp is float:
+        if isinstance(v, bool):
+            raise ValueError(v)
+        x = float(v)
+        if not math.isfinite(x):
+            raise ValueError(v)
+        return x
+    if tp is str:
+        if not isinstance(v, (str, int, float)):
+            raise TypeError(v)
+        return str(v)
+    return v
 
 
 def block_index(problem: AllocationProblem) -> tuple[dict[str, int], int]:

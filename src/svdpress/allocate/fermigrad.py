@@ -38,7 +38,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
@@ -51,7 +51,8 @@ from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
 from ..model.head import Head, gather_lse, topk_logprobs
 from ..params import LayerShape, count_params, dense_count, layer_params
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
+from .common import fill_config
 
 if TYPE_CHECKING:
     from ..model import Runner, State
@@ -86,18 +87,7 @@ class FermiGradConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "FermiGradConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise SvdpressError(f"unknown fermigrad option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        values = {}
-        for k, v in options.items():
-            kind = type(getattr(cls, k))
-            try:
-                values[k] = _coerce(kind, v)
-            except (TypeError, ValueError):
-                raise SvdpressError(f"fermigrad option {k}={v!r} is not a valid {kind.__name__}") from None
-        return cls(**values).validate()
+        return fill_config(cls, options, "fermigrad")
 
     def validate(self) -> "FermiGradConfig":
         positive = ("temperature", "steps", "lr", "rho_start", "samples", "seqlen", "batch_size", "r_min", "top_k",
@@ -111,17 +101,6 @@ class FermiGradConfig:
             raise SvdpressError(f"fermigrad init must be 'uniform' or 'full', got {self.init!r}")
         return self
 
-
-def _coerce(kind: type, v: Any) -> Any:
-    if kind is bool:
-        if isinstance(v, str):
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(v)
-            return v.lower() in ("true", "1")
-        return bool(v)
-    if kind is int and isinstance(v, float) and not v.is_integer():
-        raise ValueError(v)
-    return kind(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,7 +484,7 @@ def hard_ranks(problem: AllocationProblem, mu: Mapping[str, float], dkl_dmu: Map
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@ALLOCATORS.register("fermigrad")
+@allocator("fermigrad", options=FermiGradConfig)
 def fermigrad(problem: AllocationProblem) -> Allocation:
     cfg = FermiGradConfig.from_options(problem.options)
     if problem.ratio >= 1:

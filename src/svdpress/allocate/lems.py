@@ -32,7 +32,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import SvdpressError
 from ..params import layer_params
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
 from .common import block_index, candidate_ranks, fill_config
 from .sensitivity import get_probe, layer_sensitivity, probe_config
 
@@ -154,7 +154,7 @@ def _tune(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction) -> tuple
     return replace(cfg, alpha=a, gamma=g), {f"alpha={k[0]},gamma={k[1]}": v for k, v in trials.items()}
 
 
-@ALLOCATORS.register("lems")
+@allocator("lems", options=LemsConfig)
 def lems(p: AllocationProblem) -> Allocation:
     cfg = fill_config(LemsConfig, p.options, "lems")
     if p.ratio >= 1:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import SvdpressError
 from ..params import count_params, layer_params
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
 from .common import fill_config, fit_budget, step_of
 from .sensitivity import layer_sensitivity, probe_config
 
@@ -58,7 +58,7 @@ def _loss_fns(p: AllocationProblem, cfg: MrcsConfig):
     return fns, sens.seconds, sens.probes
 
 
-@ALLOCATORS.register("mrcs")
+@allocator("mrcs", options=MrcsConfig)
 def mrcs(p: AllocationProblem) -> Allocation:
     cfg = fill_config(MrcsConfig, p.options, "mrcs")
     step = step_of(p, cfg.rank_multiple)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import SvdpressError
-from . import ALLOCATORS, Allocation, AllocationProblem
+from . import Allocation, AllocationProblem, allocator
 from .common import fill_config, fit_budget, rank_at, step_of
 
 
@@ -34,7 +34,7 @@ def truncation_loss(S, r: int, kind: str) -> float:
     return float(tail.pow(2).sum().sqrt()) if kind == "fro" else float(tail.sum())
 
 
-@ALLOCATORS.register("svd-llm-v2")
+@allocator("svd-llm-v2", options=SvdLlmV2Config)
 def svd_llm_v2(p: AllocationProblem) -> Allocation:
     cfg = fill_config(SvdLlmV2Config, p.options, "svd-llm-v2")
     step = step_of(p, cfg.rank_multiple)

@@ -4,10 +4,10 @@ r_l = ⌊ratio · m·n/(m+n)⌋ (rounded down to the rank multiple), so each lay
 under the target. This is SVD-LLM's "compression ratio" protocol.
 """
 
-from . import ALLOCATORS, Allocation, AllocationProblem, round_down
+from . import Allocation, AllocationProblem, allocator, round_down
 
 
-@ALLOCATORS.register("uniform")
+@allocator("uniform")
 def uniform(p: AllocationProblem) -> Allocation:
     if p.ratio >= 1:
         return Allocation({name: None for name in p.shapes})

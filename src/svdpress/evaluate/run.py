@@ -6,9 +6,11 @@ CPU RAM or disk) runs it, for perplexity through `runner.forward` and for lm-eva
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ..config import EvalConfig
+from ..errors import SvdpressError
 from .perplexity import text_perplexity
 
 if TYPE_CHECKING:
@@ -19,10 +21,23 @@ def evaluate(runner: "Runner", tokenizer, cfg: EvalConfig, progress: bool = True
     """{"ppl": {text: text_perplexity record}, "tasks": {task: zero-shot record} (only when cfg.tasks)}."""
     out: dict[str, Any] = {"ppl": {}}
     for name in cfg.ppl:
-        out["ppl"][name] = text_perplexity(runner, tokenizer, name, cfg.seqlen, cfg.limit, cfg.batch_size, progress)
+        out["ppl"][name] = rec = text_perplexity(runner, tokenizer, name, cfg.seqlen, cfg.limit, cfg.batch_size,
+                                                 progress)
+        finite(f"perplexity on {name}", rec["ppl"])
     if cfg.tasks:
         from .zeroshot import zero_shot
 
         out["tasks"] = zero_shot(runner, tokenizer, cfg.tasks, limit=cfg.task_limit, seed=cfg.seed,
                                  batch_size=cfg.batch_size, source=cfg.task_source)
+        for task, rec in out["tasks"].items():
+            for metric in ("acc", "acc_norm"):
+                if metric in rec:
+                    finite(f"{task} {metric}", rec[metric])
     return out
+
+
+def finite(what: str, value: float) -> float:
+    """A figure is finite or it is an error: NaN/Inf means the model's outputs are broken (e.g. a NaN weight)."""
+    if not math.isfinite(value):
+        raise SvdpressError(f"{what} is {value}: the model produces non-finite outputs (NaN/Inf in its weights?)")
+    return value
