@@ -89,9 +89,24 @@ def eval_config(a: argparse.Namespace, ppl: tuple[str, ...], tasks: tuple[str, .
             raise SvdpressError(f"--{n.replace('_', '-')} must be ≥ 1")
     ppl_limit = a.ppl_limit if a.ppl_limit is not None else a.limit
     task_limit = a.task_limit if a.task_limit is not None else a.limit
+    if a.json is not None:
+        check_json_path(a.json)
     return EvalConfig(ppl=ppl, seqlen=a.seqlen, limit=ppl_limit, tasks=tasks, task_limit=task_limit,
                       batch_size=a.batch_size, seed=getattr(a, "seed", 0),
-                      task_source=a.task_source)
+                      task_source=a.task_source).validate()
+
+
+def check_json_path(path: Path) -> None:
+    """--json must be writable: checked before any work, not after it."""
+    import os
+
+    if path.is_dir():
+        raise SvdpressError(f"--json {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SvdpressError(f"--json {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SvdpressError(f"--json {path} is not writable")
 
 
 def split_eval(spec: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -159,6 +174,8 @@ def _compress(a: argparse.Namespace) -> int:
     from .pipeline import compress
 
     ppl, tasks = split_eval(a.eval)
+    if a.json is not None:
+        check_json_path(a.json)
     allocate, options = allocation_args(a.allocate, a.ranks, parse_opts(a.opt))
     cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
