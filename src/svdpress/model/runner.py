@@ -12,7 +12,7 @@ memory budget, as llm-compressor's sequential pipeline and GPTQModel do:
 Activations between blocks wait on the CPU when the device is a GPU and the model does not sit on it. A backward
 pass (gradient statistics, FermiGrad's ∂KL/∂μ) recomputes one block at a time from its saved input, as
 activation checkpointing with offload does, so peak memory is one block's weights and activations plus the
-statistics, whatever the depth. With `offload="none"` the same results come from one ordinary autograd graph.
+statistics, whatever the depth (in every placement: the graph never spans more than one block).
 
 Losses over the vocabulary go through `head.py` in chunks; the embedding is looked up in chunks from disk.
 """
@@ -20,7 +20,7 @@ Losses over the vocabulary go through `head.py` in chunks; the embedding is look
 from __future__ import annotations
 
 import hashlib
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -457,10 +457,10 @@ class Runner:
         """Σ_j loss_fn(j, h_j) over the batches, back-propagated through every block: leaves that require
         grad (e.g. FermiGrad's μ inside `overrides`) accumulate .grad, and `hook(i, block)` may register hooks
         that see each block's forward and backward (handles returned are removed after the block). h_j is the
-        last block's output on the device. Blocks run one at a time, recomputed from saved inputs, unless the
-        whole model sits on the device."""
-        if self.offload == "none":
-            return self._backward_resident(states, loss_fn, overrides, hook, on_block_done)
+        last block's output on the device. Blocks run one at a time, recomputed from their saved inputs, in
+        every placement: the autograd graph never spans more than one block, so memory does not grow with depth
+        (a whole-model graph of a 4096-token batch is gigabytes even for a 270M model), and the results are the
+        same whether the model is streamed or not."""
         L = len(self.blocks)
         with torch.no_grad():
             hs, saved = self.forward(states, overrides=overrides, save_inputs=True)
@@ -486,27 +486,6 @@ class Runner:
                     for hd in handles:
                         hd.remove()
             if on_block_done:
-                on_block_done(i)
-        return total
-
-    def _backward_resident(self, states, loss_fn, overrides, hook, on_block_done) -> float:
-        total = 0.0
-        with ExitStack() as stack:
-            blocks = [stack.enter_context(self.block(i, overrides)) for i in range(len(self.blocks))]
-            handles = [h for i, b in enumerate(blocks) for h in (hook(i, b) if hook else [])]
-            try:
-                for j, (h, kw) in enumerate(states):
-                    x = h.to(self.device).detach().requires_grad_(True)
-                    for b in blocks:
-                        x = self.run(b, x, kw)
-                    loss = loss_fn(j, x)
-                    loss.backward()
-                    total += float(loss.detach())
-            finally:
-                for hd in handles:
-                    hd.remove()
-        if on_block_done:
-            for i in reversed(range(len(self.blocks))):
                 on_block_done(i)
         return total
 
