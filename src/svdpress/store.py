@@ -40,22 +40,33 @@ class StoredSpectrum(LayerSpectrum):
         return load_file(self.path)["V"]
 
 
-class _Folder:
+class _Store(MutableMapping):
+    """A name-keyed store whose items live in memory or in a temporary folder (removed by `close()`)."""
+
     def __init__(self, on_disk: bool, parent: Optional[str], prefix: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) if on_disk else None
+        self._items: dict[str, object] = {}
 
     def close(self) -> None:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
+    def __delitem__(self, name: str) -> None:
+        del self._items[name]
 
-class SpectrumStore(_Folder, MutableMapping):
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SpectrumStore(_Store):
     """name → LayerSpectrum, in memory or with U, V on disk (see module docstring)."""
 
     def __init__(self, on_disk: bool = False, parent: Optional[str] = None) -> None:
         super().__init__(on_disk, parent, "svdpress-spectra-")
-        self._items: dict[str, LayerSpectrum] = {}
 
     def __setitem__(self, name: str, spec: LayerSpectrum) -> None:
         if self.folder is None:
@@ -68,22 +79,12 @@ class SpectrumStore(_Folder, MutableMapping):
     def __getitem__(self, name: str) -> LayerSpectrum:
         return self._items[name]
 
-    def __delitem__(self, name: str) -> None:
-        del self._items[name]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class TensorStore(_Folder, MutableMapping):
+class TensorStore(_Store):
     """name → {key: tensor}, in memory or one safetensors file per name on disk."""
 
     def __init__(self, on_disk: bool = False, parent: Optional[str] = None) -> None:
         super().__init__(on_disk, parent, "svdpress-stats-")
-        self._items: dict[str, object] = {}
 
     def __setitem__(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         if self.folder is None:
@@ -96,12 +97,3 @@ class TensorStore(_Folder, MutableMapping):
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         item = self._items[name]
         return load_file(item) if isinstance(item, Path) else item
-
-    def __delitem__(self, name: str) -> None:
-        del self._items[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
