@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,6 @@ from svdpress.cli import main
 SMALL = ["--calib-samples", "4", "--calib-seqlen", "32", "--no-progress"]
 EVAL_SMALL = ["--limit", "256", "--seqlen", "64", "--no-progress"]
 QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-TEMP_PREFIXES = ("svdpress-offload-", "svdpress-spectra-", "svdpress-stats-", "svdpress-blocks-")
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -155,6 +153,10 @@ def truncate_shard(folder: Path) -> None:
     f.write_bytes(data[: len(data) // 2])
 
 
+def remove_shard(folder: Path) -> None:
+    sorted(folder.glob("*.safetensors"))[0].unlink()
+
+
 def drop_svdpress_config(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["svdpress"]
@@ -210,7 +212,7 @@ class Case:
     guard: Optional[str] = None  # "load": reported before the model loads (< 5 s); "calib": before calibration
     code: int = 2
     check: Optional[Callable[[Env, str], list[str]]] = None  # extra checks on the error line
-    xfail: Optional[str] = None
+    tasks: bool = False  # names lm-eval tasks: lm-eval's task index is built first (see `task_index`)
     skip: Optional[Callable[[Env], Optional[str]]] = None
 
 
@@ -222,6 +224,13 @@ def _readonly_parent(e: Env) -> Optional[str]:
         os.chmod(ro, 0o700)
         return "running as root: chmod 0o500 leaves the folder writable (the parent-is-a-file row covers this)"
     return None
+
+
+def _plain_file(e: Env, name: str) -> Path:
+    """A regular file in the output's parent, where a folder is expected."""
+    p = e.work / name
+    p.write_text("precious\n")
+    return p
 
 
 def _nonempty_out(e: Env) -> None:
@@ -271,7 +280,8 @@ CASES: list[Case] = [
          "load"),
     Case("compress-calib-empty-file", lambda e: compress(e, "--calib", str(e.file("empty.txt", " \n\n "))),
          ("empty",), "load"),
-    Case("compress-calib-directory", lambda e: compress(e, "--calib", str(e.tmp / "inputs")), ("inputs",), "load"),
+    Case("compress-calib-directory", lambda e: compress(e, "--calib", str(_mkdir(e, "textdir"))), ("textdir",),
+         "load"),
     Case("compress-calib-too-short", lambda e: compress(e, "--calib", str(e.file("short.txt", "a few words\n\nmore"))),
          ("short.txt", "fewer"), "calib"),
     Case("compress-calib-samples-0", lambda e: compress(e, "--calib-samples", "0"), ("calib-samples",), "load"),
@@ -313,18 +323,16 @@ CASES: list[Case] = [
          "load"),
     Case("compress-out-under-readonly-dir", lambda e: compress(e, "--out", str(e.work / "ro" / "out")),
          ("writable", "permission"), "load", skip=_readonly_parent),
-    Case("compress-out-parent-is-a-file",
-         _then(lambda e: (e.work / "afile").write_text("x"), lambda e: compress(e, "--out", str(e.work / "afile" / "o"))),
+    Case("compress-out-parent-is-a-file", lambda e: compress(e, "--out", str(_plain_file(e, "afile") / "o")),
          ("afile",), "load"),
     Case("compress-json-in-missing-dir", lambda e: compress(e, "--json", str(e.work / "nodir" / "r.json")),
          ("json", "nodir"), "load"),
-    Case("compress-stats-cache-is-a-file",
-         _then(lambda e: (e.work / "cache").write_text("x"), lambda e: compress(e, "--stats-cache", str(e.work / "cache"))),
-         ("stats-cache", "cache"), "load"),
-    Case("compress-offload-dir-is-a-file",
-         _then(lambda e: (e.work / "off").write_text("x"), lambda e: compress(e, "--offload-dir", str(e.work / "off"))),
-         ("offload-dir", "off"), "load"),
-    Case("compress-eval-unknown-task", lambda e: compress(e, "--eval", "nosuchtask"), ("nosuchtask",), "load"),
+    Case("compress-stats-cache-is-a-file", lambda e: compress(e, "--stats-cache", str(_plain_file(e, "cache"))),
+         ("stats-cache", "work/cache"), "load"),
+    Case("compress-offload-dir-is-a-file", lambda e: compress(e, "--offload-dir", str(_plain_file(e, "off"))),
+         ("offload-dir", "work/off"), "load"),
+    Case("compress-eval-unknown-task", lambda e: compress(e, "--eval", "nosuchtask"), ("nosuchtask",), "load",
+         tasks=True),
     Case("compress-eval-seqlen-0", lambda e: compress(e, "--eval", "ppl", "--seqlen", "0"), ("seqlen",), "load"),
     Case("compress-model-missing", lambda e: compress(e, "--model", str(e.tmp / "no-model")), ("does not exist",)),
     # ---- compress: faults in the dense model ----
@@ -339,25 +347,25 @@ CASES: list[Case] = [
     Case("eval-dir-without-config", lambda e: evaluate(e, _without(e, e.model, "config.json")), ("config.json",)),
     Case("eval-corrupt-config", lambda e: evaluate(e, _edited(e, e.compressed, "config.json", "{ not json")),
          ("config",)),
-    Case("eval-compressed-without-manifest",
-         lambda e: evaluate(e, _without(e, e.compressed, "svdpress.json"))),
-    Case("eval-compressed-without-manifest-in-memory",
-         lambda e: evaluate(e, _without(e, e.compressed, "svdpress.json"), "--offload", "none")),
     Case("eval-config-lost-svdpress-entry", lambda e: evaluate(e, _damaged(e, drop_svdpress_config)), ("svdpress",)),
     Case("eval-config-lost-svdpress-entry-in-memory",
          lambda e: evaluate(e, _damaged(e, drop_svdpress_config), "--offload", "none"), ("svdpress",)),
     Case("eval-truncated-shard", lambda e: evaluate(e, _damaged(e, truncate_shard)), ("truncated",)),
     Case("eval-truncated-shard-in-memory", lambda e: evaluate(e, _damaged(e, truncate_shard), "--offload", "none"),
          ("truncated",)),
-    Case("eval-missing-shard", lambda e: evaluate(e, _damaged(e, lambda d: sorted(d.glob("*.safetensors"))[0].unlink())),
-         ("missing",)),
+    Case("eval-missing-shard", lambda e: evaluate(e, _damaged(e, remove_shard)), ("missing",)),
     Case("eval-nan-weight", lambda e: evaluate(e, _poisoned(e, e.compressed, float("nan"))), ("nan", "finite")),
+    Case("eval-nan-weight-streamed",
+         lambda e: evaluate(e, _poisoned(e, e.compressed, float("nan")), "--offload", "disk"), ("nan", "finite")),
     Case("eval-nan-weight-in-memory",
          lambda e: evaluate(e, _poisoned(e, e.compressed, float("nan")), "--offload", "none"), ("nan", "finite")),
     # ---- eval: its arguments ----
-    Case("eval-unknown-task", lambda e: evaluate(e, e.compressed, "--tasks", "nosuchtask"), ("nosuchtask",), "load"),
+    Case("eval-unknown-task", lambda e: evaluate(e, e.compressed, "--tasks", "nosuchtask"), ("nosuchtask",), "load",
+         tasks=True),
     Case("eval-unknown-ppl-text", lambda e: evaluate(e, e.compressed, "--ppl", "nosuchtext"), ("nosuchtext",),
          "load"),
+    Case("eval-ppl-empty-file", lambda e: evaluate(e, e.compressed, "--ppl", str(e.file("empty.txt", "\n\n"))),
+         ("empty",), "load"),
     Case("eval-seqlen-0", lambda e: evaluate(e, e.compressed, "--seqlen", "0"), ("seqlen",), "load"),
     Case("eval-batch-size-0", lambda e: evaluate(e, e.compressed, "--batch-size", "0"), ("batch-size",), "load"),
     Case("eval-limit-0", lambda e: evaluate(e, e.compressed, "--limit", "0"), ("limit",), "load"),
@@ -466,8 +474,7 @@ def invoke(argv: list[str], capfd) -> Outcome:
     old = signal.getsignal(signal.SIGTERM)
     code, exc, fired = None, None, False
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as seen:  # the filters in force stay (as in the console script)
         try:
             code = main(argv)
         except SystemExit as e:  # argparse
@@ -508,7 +515,8 @@ def judge(case: Case, o: Outcome, e: Env) -> list[str]:
 
 def snapshot(e: Env) -> dict[str, dict[str, str]]:
     snap = {"the output's parent": tree(e.work), "--offload-dir": tree(e.offload),
-            "the input model": tree(Path(e.model)), "the compressed source": tree(Path(e.compressed))}
+            "the input model": tree(Path(e.model)), "the compressed source": tree(Path(e.compressed)),
+            "the PivGa source": tree(Path(e.pivga))}
     snap.update({f"input {p.name}": tree(p) for p in e.watch})
     return snap
 
@@ -536,9 +544,8 @@ def run_case(case: Case, e: Env, capfd, monkeypatch) -> list[str]:
         o = invoke(argv, capfd)
     problems = []
     if o.guard_fired:
-        what = "the model loaded" if case.guard == "load" else "calibration started"
-        problems.append(f"checked after {'load' if case.guard == 'load' else 'calibration started'} "
-                        f"({what} before the error)")
+        problems.append({"load": "checked after load (the model loaded before the error)",
+                         "calib": "checked after calibration started"}[case.guard])
         problems += leftovers(e, before, temp_before)
         # what the user gets then: run it again without the guard
         before, temp_before = snapshot(e), set(os.listdir(e.systmp))
@@ -554,31 +561,54 @@ def run_case(case: Case, e: Env, capfd, monkeypatch) -> list[str]:
     return problems
 
 
-# Rows that fail today (filled in from running the table against the current tree).
-XFAIL: dict[str, str] = {}
+# Rows that fail today: what is wrong (from running the table against the current tree).
+XFAIL: dict[str, str] = {
+}
 
 
 def _param(c: Case):
     marks = []
-    reason = c.xfail or XFAIL.get(c.id)
+    reason = XFAIL.get(c.id)
     if reason:
         marks.append(pytest.mark.xfail(strict=True, reason=reason))
     return pytest.param(c, id=c.id, marks=marks)
 
 
+@pytest.fixture(scope="session")
+def task_index():
+    """lm-eval's task index, built once per process (importing lm-eval and indexing its YAML files takes 5-10 s on
+    2 cores). Rows naming a task build it first, so that their 5-s limit times svdpress's check and not that
+    one-off cost, whichever row comes first."""
+    pytest.importorskip("lm_eval")
+    try:
+        from svdpress.evaluate.zeroshot import task_manager
+    except ImportError:
+        import importlib
+
+        importlib.import_module("lm_eval.tasks")
+    else:
+        task_manager()
+
+
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_bad_input(case: Case, env: Env, capfd, monkeypatch):
+def test_bad_input(case: Case, env: Env, capfd, monkeypatch, request):
     if case.skip is not None and (why := case.skip(env)):
         pytest.skip(why)
+    if case.tasks:
+        request.getfixturevalue("task_index")
     problems = run_case(case, env, capfd, monkeypatch)
     assert not problems, f"{case.id}: " + " || ".join(problems)
 
 
-def test_table_is_large_enough():
-    assert len(CASES) + 4 >= 40 and len({c.id for c in CASES}) == len(CASES)
+def test_table_is_consistent():
+    ids = [c.id for c in CASES]
+    assert len(ids) + 4 >= 40 and len(set(ids)) == len(ids)
+    assert set(XFAIL) <= set(ids), f"XFAIL names unknown rows: {set(XFAIL) - set(ids)}"
 
 
 # ---- faults that need a process of their own ------------------------------------------------------------------
+# Signals and concurrent runs need real processes (`python -m svdpress`, as a user runs it). They are all started
+# at once by one fixture (each pays ~5 s of imports on 2 cores; in parallel that cost is shared).
 
 def _default_sigint() -> None:  # a background shell starts children with SIGINT ignored; Python keeps that
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -604,52 +634,104 @@ def _svdpress_temp(folder: Path) -> list[str]:
     return sorted(p for p in os.listdir(folder) if p.startswith(("svdpress", ".")) or ".tmp" in p or "tmp-" in p)
 
 
+@dataclass
+class Run:
+    proc: subprocess.Popen
+    work: Path  # the output's parent
+    systmp: Path  # TMPDIR of the process
+    offload: Optional[Path] = None
+    sent: Optional[float] = None  # when the signal was sent
+    calibrating: bool = False  # it was sent after calibration began (the spectra folder had appeared)
+    code: Optional[int] = None
+    out: str = ""
+    err: str = ""
+
+
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, tiny_model_dir, text_file):
-    """Two `compress --offload disk` processes, one sent SIGINT and one SIGTERM shortly after calibration began
-    (their spectra folder appeared in the --offload-dir); both run at once to save time."""
-    runs = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        base = tmp_path_factory.mktemp(f"signal-{sig.name}")
-        work, offload, systmp = base / "work", base / "offload", base / "systmp"
-        for d in (work, offload, systmp):
-            d.mkdir()
-        argv = ["compress", "--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "512",
-                "--calib-seqlen", "128", "--offload", "disk", "--offload-dir", str(offload), "--out",
-                str(work / "out"), "--no-progress"]
-        runs[sig] = {"proc": _spawn(argv, systmp), "work": work, "offload": offload, "systmp": systmp,
-                     "sent": None}
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and any(r["sent"] is None and r["proc"].poll() is None for r in runs.values()):
-        for sig, r in runs.items():
-            if r["sent"] is None and r["proc"].poll() is None and any(r["offload"].glob("svdpress-spectra-*")):
-                time.sleep(0.5)  # well inside calibration (512 x 128 tokens take tens of seconds)
-                r["proc"].send_signal(sig)
-                r["sent"] = time.monotonic()
-        time.sleep(0.05)
-    for r in runs.values():
-        r["code"], r["out"], r["err"] = _finish(r["proc"], 60)
-        r["wait"] = time.monotonic() - r["sent"] if r["sent"] else None
+def processes(tmp_path_factory, tiny_model_dir, text_file) -> dict[str, Run]:
+    """All the process rows, started together:
+    sigint / sigterm: `compress --offload disk --offload-dir D` on 512 x 128 calibration tokens (tens of seconds
+        of calibration), sent the signal 0.5 s after its spectra folder appeared in D (calibration has begun);
+    same-out-1/2: two identical `compress` runs writing the same --out;
+    cache-1/2: two `compress` runs (svd-llm, svd-llm-v2: the same input statistics) sharing one --stats-cache."""
+    base = tmp_path_factory.mktemp("processes")
+    small = ["--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "16", "--calib-seqlen", "64",
+             "--no-progress"]
+    runs: dict[str, Run] = {}
+
+    def start(name: str, argv: Callable[[Path], list[str]], work: Optional[Path] = None) -> None:
+        folder = base / name
+        systmp = folder / "systmp"
+        systmp.mkdir(parents=True)
+        work = work or folder / "work"
+        work.mkdir(exist_ok=True)
+        offload = folder / "offload"
+        offload.mkdir()
+        runs[name] = Run(_spawn(["compress", *argv(offload)], systmp), work, systmp, offload)
+
+    for name in ("sigint", "sigterm"):
+        work = base / name / "work"
+        start(name, lambda d, w=work: ["--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "512",
+                                       "--calib-seqlen", "128", "--offload", "disk", "--offload-dir", str(d),
+                                       "--out", str(w / "out"), "--no-progress"], work)
+    same = base / "same-out"
+    same.mkdir()
+    for name in ("same-out-1", "same-out-2"):
+        start(name, lambda d: [*small, "--out", str(same / "out")], same)
+    cache = base / "cache"
+    for name, fac in (("cache-1", "svd-llm"), ("cache-2", "svd-llm-v2")):
+        start(name, lambda d, f=fac: [*small, "--factorize", f, "--stats-cache", str(cache), "--out",
+                                      str(base / "cache-outs" / f)], base / "cache-outs")
+    runs["cache-1"].offload = runs["cache-2"].offload = cache  # (where the cache is, for the test)
+
+    try:
+        _signal_when_calibrating(runs)
+        for r in runs.values():
+            r.code, r.out, r.err = _finish(r.proc, 120)
+    finally:  # (the test run itself interrupted: stop what this fixture started)
+        for r in runs.values():
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
     return runs
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_interrupt_while_calibrating(sig, interrupted):
-    r = interrupted[sig]
-    assert r["sent"] is not None, f"calibration never started (exit {r['code']}): {r['err'][-500:]}"
-    problems = []
-    if r["code"] != 130:
-        problems.append(f"exit code {r['code']}, expected 130")
-    lines = r["err"].strip().splitlines()
-    if "Traceback" in r["err"] or len(lines) != 1 or not (lines[0].startswith("svdpress:")
-                                                          and "interrupt" in lines[0]):
-        problems.append(f"stderr is not one interrupt line: {' | '.join(lines[-3:])!r}")
-    if r["wait"] is not None and r["wait"] > 15:
-        problems.append(f"took {r['wait']:.0f} s to stop")
-    for what in ("work", "offload"):
-        if left := sorted(os.listdir(r[what])):
+def _signal_when_calibrating(runs: dict[str, Run]) -> None:
+    signals = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}
+    started = time.monotonic()
+    while True:
+        waiting = [n for n in signals if runs[n].sent is None and runs[n].proc.poll() is None]
+        if not waiting:
+            break
+        for n in waiting:
+            seen = any(runs[n].offload.glob("svdpress-spectra-*"))
+            if seen or time.monotonic() - started > 60:  # (no folder after 60 s: signal it anyway)
+                if seen:
+                    time.sleep(0.5)  # well inside calibration
+                runs[n].proc.send_signal(signals[n])
+                runs[n].sent, runs[n].calibrating = time.monotonic(), seen
+        time.sleep(0.05)
+
+
+def _one_line(err: str, start: str, word: str = "") -> bool:
+    lines = err.strip().splitlines()
+    return "Traceback" not in err and len(lines) == 1 and lines[0].startswith(start) and word in lines[0]
+
+
+@pytest.mark.parametrize("name", ["sigint", "sigterm"])
+def test_interrupt_while_calibrating(name, processes):
+    """Exit 130, one line, and nothing left: not in the output's parent, not in --offload-dir, not in TMPDIR."""
+    r = processes[name]
+    assert r.sent is not None, f"calibration never started (exit {r.code}): {r.err[-500:]}"
+    problems = [] if r.calibrating else ["(its spectra folder never appeared in --offload-dir: signalled after 60 s)"]
+    if r.code != 130:
+        problems.append(f"exit code {r.code}, expected 130")
+    if not _one_line(r.err, "svdpress:", "interrupt"):
+        problems.append(f"stderr is not one interrupt line: {' | '.join(r.err.strip().splitlines()[-3:])!r}")
+    for what, folder in (("the output's parent", r.work), ("--offload-dir", r.offload)):
+        if left := sorted(os.listdir(folder)):
             problems.append(f"left in {what}: {', '.join(left)}")
-    if left := _svdpress_temp(r["systmp"]):
+    if left := _svdpress_temp(r.systmp):
         problems.append(f"left in the system temp folder: {', '.join(left)}")
     assert not problems, " || ".join(problems)
 
@@ -661,7 +743,7 @@ def _valid_output(out: Path) -> list[str]:
     problems = []
     try:
         manifest = json.loads((out / "svdpress.json").read_text())
-        assert isinstance(manifest, dict) and "params" in manifest
+        assert isinstance(manifest, dict) and "params" in manifest, "the manifest has no params"
         index = json.loads((out / "model.safetensors.index.json").read_text())
         missing = [f for f in set(index["weight_map"].values()) if not (out / f).is_file()]
         if missing:
@@ -676,47 +758,38 @@ def _valid_output(out: Path) -> list[str]:
     return problems
 
 
-def test_two_compress_processes_same_out(tmp_path, tiny_model_dir, text_file):
-    """Both start before either has written --out: exactly one succeeds (the other: one clear line) or both do;
-    the directory is never corrupt and no temporary sibling stays."""
-    work, systmp = tmp_path / "work", tmp_path / "systmp"
-    work.mkdir(), systmp.mkdir()
-    argv = ["compress", "--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "16",
-            "--calib-seqlen", "64", "--out", str(work / "out"), "--no-progress"]
-    procs = [_spawn(argv, systmp), _spawn(argv, systmp)]
-    results = [_finish(p, 120) for p in procs]
+def test_two_compress_processes_same_out(processes):
+    """Both start before either has written --out: exactly one succeeds (the other says so in one line) or both
+    do; the directory is never corrupt and no temporary sibling stays."""
+    runs = [processes["same-out-1"], processes["same-out-2"]]
+    work = runs[0].work
     problems = []
-    codes = [c for c, _, _ in results]
+    codes = [r.code for r in runs]
     if 0 not in codes or not set(codes) <= {0, 2}:
         problems.append(f"exit codes {codes}")
-    for code, _, err in results:
-        lines = err.strip().splitlines()
-        if "Traceback" in err:
-            problems.append(f"a traceback: {' | '.join(lines[-2:])!r}")
-        elif code == 2 and (len(lines) != 1 or not lines[0].startswith("svdpress: error:")):
-            problems.append(f"the refused run's stderr is not one error line: {lines[-3:]!r}")
+    for r in runs:
+        if "Traceback" in r.err:
+            problems.append(f"a traceback: {' | '.join(r.err.strip().splitlines()[-2:])!r}")
+        elif r.code == 2 and not _one_line(r.err, "svdpress: error:"):
+            problems.append(f"the refused run's stderr is not one error line: {r.err.strip().splitlines()[-3:]!r}")
     if (work / "out").exists():
         problems += _valid_output(work / "out")
     else:
         problems.append("no output directory")
     if left := [p for p in os.listdir(work) if p != "out"]:
         problems.append(f"left next to the output: {left}")
-    if left := _svdpress_temp(systmp):
-        problems.append(f"left in the system temp folder: {left}")
+    for r in runs:
+        if left := _svdpress_temp(r.systmp) + sorted(os.listdir(r.offload)):
+            problems.append(f"left in a temp folder: {left}")
     assert not problems, " || ".join(problems)
 
 
-def test_two_compress_processes_share_a_stats_cache(tmp_path, tiny_model_dir, text_file):
+def test_two_compress_processes_share_a_stats_cache(processes):
     """Two processes filling one --stats-cache at the same time: both succeed and the cache stays valid."""
-    work, systmp, cache = tmp_path / "work", tmp_path / "systmp", tmp_path / "cache"
-    work.mkdir(), systmp.mkdir()
-    procs = [_spawn(["compress", "--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "16",
-                     "--calib-seqlen", "64", "--stats-cache", str(cache), "--factorize", fac, "--out",
-                     str(work / f"out-{fac}"), "--no-progress"], systmp) for fac in ("svd-llm", "svd-llm-v2")]
-    results = [_finish(p, 120) for p in procs]
-    problems = [f"exit {c}: {' | '.join(err.strip().splitlines()[-2:])!r}" for c, _, err in results if c != 0]
-    problems += [f"stderr not empty: {err.strip().splitlines()[:2]!r}" for c, _, err in results
-                 if c == 0 and err.strip()]
+    runs = [processes["cache-1"], processes["cache-2"]]
+    cache = runs[0].offload
+    problems = [f"exit {r.code}: {' | '.join(r.err.strip().splitlines()[-2:])!r}" for r in runs if r.code != 0]
+    problems += [f"stderr not empty: {r.err.strip().splitlines()[:2]!r}" for r in runs if r.code == 0 and r.err.strip()]
     entries = sorted(cache.iterdir()) if cache.is_dir() else []
     if not [p for p in entries if not p.name.startswith(".")]:
         problems.append("the cache is empty")
@@ -731,7 +804,10 @@ def test_two_compress_processes_share_a_stats_cache(tmp_path, tiny_model_dir, te
                     problems.append(f"{p.name}/{name}: checksum mismatch")
         except Exception as e:  # noqa: BLE001
             problems.append(f"cache entry {p.name} is corrupt: {type(e).__name__}: {e}")
-    for fac in ("svd-llm", "svd-llm-v2"):
-        if (work / f"out-{fac}").exists():
-            problems += _valid_output(work / f"out-{fac}")
+    for r in runs:
+        problems += _valid_output(r.work / Path(r.proc.args[r.proc.args.index("--out") + 1]).name)
+        if left := _svdpress_temp(r.systmp):
+            problems.append(f"left in the system temp folder: {left}")
+    if left := [p for p in os.listdir(runs[0].work) if p not in ("svd-llm", "svd-llm-v2")]:
+        problems.append(f"left next to the outputs: {left}")
     assert not problems, " || ".join(problems)

@@ -41,3 +41,20 @@ def test_ratio_one_skips_calibration(tiny_model_dir, tmp_path, monkeypatch):
     x = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_eval_without_manifest_records_what_the_model_is(tiny_model_dir, text_file, tmp_path):
+    """A compressed directory whose svdpress.json is gone is recognized from its config: it evaluates with its
+    factored weights, and `--json` records it as factored at its real ratio (not as a dense model)."""
+    import json
+
+    from svdpress.cli import main
+
+    out = tmp_path / "c"
+    _, rep = svdpress.compress(None, CompressConfig(model=tiny_model_dir, ratio=0.5, calib=text_file,
+                                                    calib_samples=4, calib_seqlen=32, progress=False, out=str(out)))
+    (out / "svdpress.json").unlink()
+    assert main(["eval", str(out), "--ppl", text_file, "--limit", "256", "--seqlen", "64", "--no-progress",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["method"].startswith("factored") and abs(res["ratio"] - rep["ratio"]["achieved"]) < 1e-12

@@ -317,9 +317,18 @@ def _report(a: argparse.Namespace) -> int:
 # ---- end report ----------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `svdpress: error:` line (exit 2) like every other user error."""
+
+    def error(self, message: str):  # noqa: D102
+        print(f"svdpress: error: {self.prog.split()[-1] if ' ' in self.prog else self.prog}: {message} "
+              f"(see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svdpress", description="Low-rank (SVD) compression of causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="svdpress", description="Low-rank (SVD) compression of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_args, run) in SUBCOMMANDS.items():
         sp = sub.add_parser(name)
         add_args(sp)

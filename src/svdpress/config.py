@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -87,7 +88,16 @@ class CompressConfig:
         if self.rank_multiple < 1:
             raise SvdpressError("--rank-multiple must be ≥ 1")
         torch_dtype(self.dtype)
+        resolve_device(self.device)
         self.placement("cpu")
+        from .model.arch import compile_patterns
+
+        compile_patterns(self.targets + self.ignore)
+        for flag, path in (("--stats-cache", self.stats_cache), ("--offload-dir", self.offload_dir)):
+            if path is not None and Path(path).exists() and not Path(path).is_dir():
+                raise SvdpressError(f"{flag} {path} is a file, not a directory")
+        if self.offload_dir is not None and not Path(self.offload_dir).is_dir():
+            raise SvdpressError(f"--offload-dir {self.offload_dir} does not exist")
         if self.ratio < 1:
             resolve_text(self.calib)
         if self.eval is not None:
@@ -112,6 +122,14 @@ def torch_dtype(name: str) -> torch.dtype:
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SvdpressError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SvdpressError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise SvdpressError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SvdpressError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device

@@ -184,6 +184,11 @@ def check_out(out: Path, overwrite: bool) -> None:
     """An output directory we may write: not a file, not a non-empty directory unless --overwrite."""
     if out.exists() and not out.is_dir():
         raise SvdpressError(f"--out {out} exists and is not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SvdpressError(f"cannot write --out {out}: {parent} is a file")
+            break
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SvdpressError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")

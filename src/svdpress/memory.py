@@ -50,6 +50,14 @@ def parse_max_memory(spec: Optional[str]) -> dict[str, int]:
     return out
 
 
+def format_size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps a leading digit: 170 KiB, 1.50 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{int(n)}B"
+
+
 def rss() -> int:
     """Resident set size of this process, bytes."""
     try:

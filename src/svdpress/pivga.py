@@ -248,6 +248,9 @@ def convert_directory(source: str, out: str, overwrite: bool = False, progress: 
         raise SvdpressError(f"{source} is already PivGa-compressed")
     if Path(out).resolve() == Path(source).resolve():
         raise SvdpressError("--out must differ from the source directory")
+    from .export import check_out
+
+    check_out(Path(out), overwrite)  # before the model is loaded
     model, tokenizer = load(source, dtype=(manifest.get("model") or {}).get("dtype", "float32"))
     report = apply_pivga(model, progress=progress)
     record_in_manifest(manifest, model, report)

@@ -70,12 +70,21 @@ def from_eval(doc: dict, label: str) -> Entry:
     return _eval_figures(e, doc)
 
 
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdpressError(f"{p} is not readable JSON: {e}") from None
+
+
 def load_entry(spec: str) -> Entry:
     p = Path(spec)
     if p.is_dir() and (p / MANIFEST).is_file():
-        return from_manifest(json.loads((p / MANIFEST).read_text()), p.name)
+        return from_manifest(_read_json(p / MANIFEST), p.name)
     if p.is_file() and p.suffix == ".json":
-        doc = json.loads(p.read_text())
+        doc = _read_json(p)
+        if not isinstance(doc, dict):
+            raise SvdpressError(f"{spec}: neither an svdpress manifest nor an svdpress eval result")
         if "params" in doc and isinstance(doc["params"], dict) and "factorize" in doc:
             return from_manifest(doc, p.stem)
         if "ppl" in doc or "tasks" in doc:
@@ -172,8 +181,41 @@ def model_identity(model, source) -> dict[str, Any]:
     from .params import model_params
 
     out: dict[str, Any] = {"params": model_params(model), "method": "dense", "ratio": 1.0}
+    if not getattr(source, "compressed", False):
+        return out
     manifest = Path(source.path) / MANIFEST
-    if getattr(source, "compressed", False) and manifest.is_file():
-        m = from_manifest(json.loads(manifest.read_text()), source.spec)
+    if manifest.is_file():
+        m = from_manifest(_read_json(manifest), source.spec)
         out.update(method=m.method, ratio=m.ratio)
+        return out
+    # a compressed checkpoint without its manifest: what the model itself says (its factored layers)
+    from .export import factored_layers
+    from .model import arch_map
+
+    layers = factored_layers(model)
+    kinds = sorted({x["kind"] for x in layers.values()})
+    out.update(method="factored (" + "+".join(kinds) + "; no svdpress.json: method unknown)",
+               ratio=_linear_ratio(model, arch_map(model)))
     return out
+
+
+def _linear_ratio(model, arch) -> float:
+    """Kept / dense parameters of the decoder blocks' linear layers, read off a factored model."""
+    import torch.nn as nn
+
+    from .lowrank import LAYER_KINDS, PivGaLinear
+    from .params import LayerShape, layer_params
+
+    kept = dense = 0
+    for blk in arch.blocks(model):
+        factored = [n + "." for n, m in blk.named_modules() if isinstance(m, tuple(LAYER_KINDS.values()))]
+        for name, m in blk.named_modules():
+            is_factored = isinstance(m, tuple(LAYER_KINDS.values()))
+            if not (is_factored or (isinstance(m, nn.Linear) and not name.startswith(tuple(factored)))):
+                continue
+            bias = (m.A.bias if isinstance(m, LAYER_KINDS["lowrank"]) else m.C.bias if isinstance(m, PivGaLinear)
+                    else m.bias) is not None
+            shape = LayerShape(m.out_features, m.in_features, bias)
+            dense += shape.dense
+            kept += layer_params(shape, m.rank, isinstance(m, PivGaLinear)) if is_factored else shape.dense
+    return kept / dense if dense else 1.0

@@ -57,7 +57,7 @@ def resolve_text(name: str) -> Path:
             raise SvdpressError(f"unknown text {name!r}: use one of {', '.join(TEXT_NAMES)} or a path to a text file")
     if not path.is_file():
         raise SvdpressError(f"text file {path} is missing")
-    if path.stat().st_size == 0:
+    if path.stat().st_size == 0 or not path.read_text(errors="replace").strip():
         raise SvdpressError(f"text file {path} is empty")
     return path
 

@@ -283,6 +283,16 @@ def _layout(model: nn.Module, fam: Family) -> Optional[dict[str, str]]:
     return None
 
 
+def compile_patterns(patterns: Sequence[str]) -> None:
+    """Check the `re:` patterns' syntax (before any model is loaded)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise SvdpressError(f"invalid regular expression in layer pattern {p!r}: {e}") from None
+
+
 def matches(name: str, path: str, patterns: Sequence[str]) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     for p in patterns:

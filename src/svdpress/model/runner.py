@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SvdpressError
-from ..memory import MiB, available_cpu
+from ..memory import MiB, available_cpu, format_size
 from .arch import ArchMap, arch_map
 from .head import Head
 from .weights import OffloadFolder, TensorSource
@@ -146,9 +146,9 @@ class Runner:
             need = int(self.block_bytes() * 1.5)
             if self.budget() < need:
                 dev = "cpu" if self.device.type == "cpu" else str(self.device)
-                raise SvdpressError(f"--max-memory {dev}={self.budget() / 2**30:.2f}GiB is too small: one decoder "
-                                    f"block needs {self.block_bytes() / 2**30:.2f}GiB of weights; the smallest "
-                                    f"budget that works is about {need / 2**30:.2f}GiB")
+                raise SvdpressError(f"--max-memory {dev}={format_size(self.budget())} is too small: one decoder "
+                                    f"block needs {format_size(self.block_bytes())} of weights; the smallest "
+                                    f"budget that works is about {format_size(need)}")
         return want
 
     def _place(self) -> None:
