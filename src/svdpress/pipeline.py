@@ -81,6 +81,7 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
                 W = runner.weight(name).to(device=device, dtype=torch.float64)
                 stats = LayerStats(inputs=_to_device(inputs, device), **(grads[name] if name in grads else {}))
                 check_finite(name, W, stats)
+                stats.inputs._cache["release_after_whitening"] = True  # X·Xᵀ freed once whitened
                 spectra[name] = _cpu(fac.fn(W, stats))
                 del W, stats
     return spectra
@@ -99,8 +100,9 @@ def check_finite(name: str, W: torch.Tensor, stats: LayerStats) -> None:
 
 
 def _to_device(inputs, device):
-    if inputs.xtx.device.type == torch.device(device).type:
-        return inputs
+    """The statistics on the factorization device (moved once per shared input; X·Xᵀ may already be freed)."""
+    if inputs.xtx is None or inputs.xtx.device.type == torch.device(device).type:
+        return inputs._cache.get("_moved", inputs)
     if "_moved" not in inputs._cache:
         moved = type(inputs)(inputs.xtx.to(device), inputs.abs_sum.to(device), inputs.tokens)
         inputs._cache["_moved"] = moved

@@ -22,7 +22,7 @@ import torch
 from ..calibrate import InputStats
 from ..errors import SvdpressError
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import cholesky, symmetric, whitener
+from .whiten import cholesky_of, symmetric, whitener
 
 DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
 
@@ -37,7 +37,7 @@ def damped(G: torch.Tensor, damping: float) -> torch.Tensor:
 def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING) -> LayerSpectrum:
     """SVD of L_Gᵀ W L_C, un-whitened on both sides."""
     right = whitener(inputs, "cholesky")  # shared by the layers reading this input (q/k/v, gate/up)
-    left = cholesky(damped(G.to(W.device), damping), symmetrized=True)
+    left = cholesky_of(lambda: damped(G.to(W.device), damping))  # the damped copy becomes the factor
     M = left.S.T.to(W) @ W @ right.S.to(W)  # L_Gᵀ W L_C
     note = "; ".join(f"{side}: {wh.note}" for side, wh in (("out", left), ("in", right)) if wh.note)
     return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note)

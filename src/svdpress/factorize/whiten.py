@@ -7,6 +7,8 @@ is returned as a note, which ends up in the manifest.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..calibrate import InputStats
@@ -39,32 +41,41 @@ def symmetric(C: torch.Tensor) -> torch.Tensor:
     return torch.add(C, C.T).mul_(0.5)
 
 
-def add_diagonal(C: torch.Tensor, value: float) -> torch.Tensor:
-    """C + value·I without forming I."""
-    out = C.clone()
-    out.diagonal().add_(value)
-    return out
+def cholesky(C: torch.Tensor) -> Whitener:
+    """Cholesky whitener of (C + Cᵀ)/2."""
+    return cholesky_of(lambda: symmetric(C.double()))
 
 
-def cholesky(C: torch.Tensor, symmetrized: bool = False) -> Whitener:
-    """`symmetrized`: C is already (C + Cᵀ)/2 (saves an n×n copy)."""
-    C = C.double() if symmetrized else symmetric(C.double())
-    L, info = torch.linalg.cholesky_ex(C)
-    if int(info) == 0:
+def cholesky_of(make: Callable[[], torch.Tensor]) -> Whitener:
+    """Cholesky of the symmetric matrix `make()` builds. The factor is written over that matrix (an 8192-wide
+    float64 factor then costs 512 MB, not 1 GB); only when it fails is `make()` called again, for each growing
+    diagonal jitter and finally for the eigen fallback."""
+    A = make()
+    scale = float(A.diagonal().mean().clamp_min(1e-30))
+    L, info = _cholesky_inplace(A)
+    if info == 0:
         return Whitener(L, True, "")
-    del L
-    scale = float(C.diagonal().mean().clamp_min(1e-30))
+    del L, A
     for eps in JITTERS:
-        L, info = torch.linalg.cholesky_ex(add_diagonal(C, eps * scale))
-        if int(info) == 0:
+        A = make()
+        A.diagonal().add_(eps * scale)
+        L, info = _cholesky_inplace(A)
+        if info == 0:
             return Whitener(L, True, f"cholesky jitter {eps:g}*mean(diag)")
-        del L
-    return eigen(C, note="cholesky failed; eigen fallback")
+        del L, A
+    return eigen(make(), note="cholesky failed; eigen fallback", symmetrized=True)
 
 
-def eigen(C: torch.Tensor, note: str = "") -> Whitener:
+def _cholesky_inplace(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """L with A = L·Lᵀ, written over A (lower triangle; the upper one is zeroed as torch's own cholesky does)."""
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    L, info = torch.linalg.cholesky_ex(A, out=(A, info))
+    return L.tril_(), int(info)
+
+
+def eigen(C: torch.Tensor, note: str = "", symmetrized: bool = False) -> Whitener:
     """C = Q Λ Qᵀ ⇒ S = Q Λ^½ (SVD-LLM v2 style); small eigenvalues are clamped so S stays invertible."""
-    C = symmetric(C.double())
+    C = C.double() if symmetrized else symmetric(C.double())
     lam, Q = torch.linalg.eigh(C)
     floor = EIG_FLOOR * lam.max().clamp_min(1e-30)
     clamped = int((lam < floor).sum())
@@ -77,4 +88,6 @@ def whitener(stats: InputStats, kind: str = "cholesky") -> Whitener:
     """The whitener of a shared input, computed once for all layers that read it (q/k/v, gate/up)."""
     if kind not in stats._cache:
         stats._cache[kind] = {"cholesky": cholesky, "eigen": eigen}[kind](stats.xtx)
+        if stats._cache.get("release_after_whitening"):
+            stats.xtx = None  # the pipeline needs C no further: its memory goes before the SVD's
     return stats._cache[kind]
