@@ -121,7 +121,9 @@ def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool)
                 seen.clear()
                 for hd in handles:
                     hd.remove()
-        yield _finish(i, stats)
+        out = _finish(i, stats)
+        stats = seen = None  # the suspended generator must not keep this block's X·Xᵀ alive (the consumer
+        yield out            # frees each one as soon as it is whitened)
 
 
 def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
