@@ -84,6 +84,7 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
                 stats.inputs._cache["release_after_whitening"] = True  # X·Xᵀ freed once whitened
                 spectra[name] = _cpu(fac.fn(W, stats))
                 del W, stats
+        bs = inputs = None  # this block's statistics and whiteners go before the next block is calibrated
     return spectra
 
 
