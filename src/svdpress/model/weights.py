@@ -51,7 +51,6 @@ class TensorSource:
 
     def __init__(self) -> None:
         self.where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Optional["TensorSource"]:
@@ -79,33 +78,29 @@ class TensorSource:
         file = Path(file)
         for name in (names if names is not None else check_safetensors(file)):
             self.where[name] = file
-        self._handles.pop(file, None)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def _open(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._handles[file]
-
     def get(self, name: str) -> torch.Tensor:
+        """One tensor. The file is opened for this read only: safetensors memory-maps it, and a mapping kept
+        open leaves every page read through it resident in this process (a streamed 4.8 GB model showed 3.7 GB
+        of file-backed RSS), so it is closed again at once."""
+        if name not in self.where:
+            raise SvdpressError(f"tensor {name} is not in the checkpoint")
         try:
-            return self._open(self.where[name]).get_tensor(name)
-        except KeyError:
-            raise SvdpressError(f"tensor {name} is not in the checkpoint") from None
+            with safe_open(str(self.where[name]), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error type for damaged data
             raise SvdpressError(f"cannot read {name} from {self.where.get(name)}: {e}") from None
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of a 2-D tensor, read without loading the rest."""
         try:
-            return self._open(self.where[name]).get_slice(name)[start:stop]
+            with safe_open(str(self.where[name]), framework="pt", device="cpu") as f:
+                return f.get_slice(name)[start:stop]
         except Exception as e:
             raise SvdpressError(f"cannot read {name}[{start}:{stop}] from {self.where.get(name)}: {e}") from None
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 class OffloadFolder:
