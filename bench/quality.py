@@ -78,7 +78,7 @@ def calibrate_once(model, samples, cache: StatsCache, a, device, need_grads: boo
     out["inputs_s"] = round(time.perf_counter() - t, 2)
     if need_grads:
         t = time.perf_counter()
-        grad_stats(cache, runner, samples, a.batch_size, not a.no_progress)
+        grad_stats(cache, runner, samples, a.batch_size, not a.no_progress, fisher=True)
         out["gradients_s"] = round(time.perf_counter() - t, 2)
     runner.close()
     return out

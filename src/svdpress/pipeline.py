@@ -68,7 +68,7 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
     spectra = {} if spectra is None else spectra
     if fac.needs_gradients:  # backward-pass statistics (KFAC, FWSVD)
         with stages("calibrate_gradients"):
-            grad_stats(cache, runner, samples, batch_size, progress, grads)
+            grad_stats(cache, runner, samples, batch_size, progress, grads, fac.needs_fisher)
     device = runner.device
     blocks = block_stats(cache, runner, samples, batch_size, progress)
     while True:
@@ -86,6 +86,16 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
                 del W, stats
         bs = inputs = None  # this block's statistics and whiteners go before the next block is calibrated
     return spectra
+
+
+def _large_gradients(runner: Runner, method: str) -> bool:
+    """Gradient statistics (G: m×m float64 a layer, + the m×n Fisher for fwsvd) wait on disk when together they
+    would weigh more than half the model: they are read back one layer at a time."""
+    fac = FACTORIZERS[method]
+    if not fac.needs_gradients:
+        return False
+    est = sum(8 * s.m * (s.m + (s.n if fac.needs_fisher else 0)) for s in runner.arch.shapes().values())
+    return est > runner.model_bytes() // 2
 
 
 def check_finite(name: str, W: torch.Tensor, stats: LayerStats) -> None:
@@ -211,7 +221,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                 samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples,
                                                           cfg.calib_seqlen, cfg.seed)
             torch.manual_seed(cfg.seed)
-            grads = TensorStore(on_disk, cfg.offload_dir)
+            grads = TensorStore(on_disk or _large_gradients(runner, cfg.factorize), cfg.offload_dir)
             stack.callback(grads.close)
             factorize_model(runner, samples, cfg.factorize, stages, cfg.calib_batch_size, cfg.progress,
                             cfg.stats_cache, spectra, grads)

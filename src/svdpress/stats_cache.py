@@ -181,26 +181,30 @@ def block_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batc
 
 
 def grad_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batch_size: int, progress: bool = True,
-               store: Optional[MutableMapping] = None) -> Mapping[str, dict]:
+               store: Optional[MutableMapping] = None, fisher: bool = True) -> Mapping[str, dict]:
     """gradient_stats, served from / saved to the cache when there is one. Layers' statistics go to `store`
     (a dict, or a disk-backed TensorStore) one block at a time, and to the cache one file per layer."""
     store = {} if store is None else store
     if cache is None:
-        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, keep=store.__setitem__)
+        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, fisher=fisher,
+                       keep=store.__setitem__)
         return store
-    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence", layout="per-layer")
-    files = entry.valid_files()
-    if files is not None:
-        for f in files:
-            store[f.name[len("grad_"):-len(".pt")]] = _load(f)
-        return store
+    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence" if fisher else "none", layout="per-layer")
+    superset = cache.entry("gradients", loss="sum-nll", fisher="per-sequence", layout="per-layer")
+    for candidate in ([entry] if fisher else [entry, superset]):  # an entry with the Fisher serves kfac too
+        files = candidate.valid_files(quiet=candidate is not entry)
+        if files is not None:
+            for f in files:
+                stats = _load(f)
+                store[f.name[len("grad_"):-len(".pt")]] = stats if fisher else {"out_grad": stats["out_grad"]}
+            return store
     w = entry.writer()
     try:
         def keep(name: str, stats: dict) -> None:
             w.add(f"grad_{name}.pt", stats)
             store[name] = stats
 
-        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, keep=keep)
+        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, fisher=fisher, keep=keep)
         w.commit()
     finally:
         w.abort()

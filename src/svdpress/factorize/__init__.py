@@ -63,16 +63,17 @@ class LayerSpectrum:
 @dataclass(frozen=True)
 class Factorizer:
     fn: Callable[[torch.Tensor, LayerStats], LayerSpectrum]  # (W float64 (m, n), stats) -> spectrum
-    needs_gradients: bool = False  # calibration must run a backward pass to gather out_grad / weight_fisher
+    needs_gradients: bool = False  # calibration must run a backward pass to gather out_grad
     description: str = ""
+    needs_fisher: bool = False  # the pass must also gather the per-sequence weight Fisher (m×n float64 a layer)
 
 
 FACTORIZERS: Registry[Factorizer] = Registry("factorization", __name__)
 
 
-def register_factorizer(name: str, needs_gradients: bool = False, description: str = ""):
+def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False):
     def deco(fn):
-        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients, description))
+        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher))
         return fn
     return deco
 

@@ -13,7 +13,7 @@ from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
 FLOOR = 1e-6  # rows with no measured importance get FLOOR·max(I), so the un-weighting never divides by zero
 
 
-@register_factorizer("fwsvd", needs_gradients=True, description="Fisher-weighted SVD (row importance from grad²)")
+@register_factorizer("fwsvd", needs_fisher=True, description="Fisher-weighted SVD (row importance from grad²)")
 def fwsvd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     if stats.weight_fisher is None:
         raise SvdpressError("fwsvd needs weight Fisher statistics (calibrate.gradient_stats)")
