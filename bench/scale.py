@@ -424,6 +424,7 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     print(f"[{time.strftime('%H:%M:%S')}] {model} {method}: running (log {log})", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     src_state = git_state()  # src/ changes under active development: which code each run measured
+    feats = code_features()
     t0 = time.perf_counter()
     with open(log, "w") as lf:
         lf.write(" ".join(full[:3] + ["<child>"] + full[full.index("compress"):]) + "\n\n")
@@ -438,7 +439,7 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {
         "model": model, "method": method, "variant": _variant(a), "rc": rc, "wall_s": round(wall, 1),
-        "started": started, "src": src_state,
+        "started": started, "src": src_state, "code": feats,
         "cmd": "python -m svdpress " + " ".join(cmd[cmd.index("compress"):]),
         "settings": {"offload": a.offload, "max_memory": a.max_memory, "device": a.device, "dtype": a.dtype,
                      "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen, "ratio": a.ratio},
@@ -525,9 +526,55 @@ run with --malloc-mmap-threshold 131072 to measure live memory only.
 """
 
 
-def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False) -> dict[str, dict[str, float]]:
-    """Predicted {stage: {"anon": bytes above A0, "file": bytes file-backed}} for one run (see MEMORY_MODEL).
-    `fixes`: the same with the changes to src/ proposed in the README's Scale section applied."""
+# What the measured code did, read from src/ when a run starts: src/ changed while this bench was written, and
+# the prediction of a run follows the code it measured. (file, text, value of the feature when the text is found)
+FEATURES = {
+    "mapped_kept": ("model/weights.py", "self._handles", True),  # file handles (and their mappings) kept all run
+    "fisher_for_kfac": ("pipeline.py", "fac.needs_fisher", False),  # the m×n Fisher gathered for kfac too
+    "prev_block_kept": ("pipeline.py", "bs = inputs = None", False),  # last block's statistics alive meanwhile
+    "cholesky_copies": ("factorize/whiten.py", "cholesky_of", False),  # symmetrized copy + L, X·Xᵀ kept
+}
+OLD_CODE = {k: True for k in FEATURES}  # runs recorded before features were: the code before 3dcb3e1
+
+
+def code_features() -> dict[str, bool]:
+    out = {}
+    for key, (rel, text, when_found) in FEATURES.items():
+        try:
+            found = text in (ROOT / "src" / "svdpress" / rel).read_text()
+        except OSError:
+            found = not when_found
+        out[key] = when_found if found else not when_found
+    return out
+
+
+def features_of(run: dict) -> dict[str, bool]:
+    """The code features of a recorded run: recorded at its start, else read from its HEAD's committed files
+    (uncommitted changes it may have run with are unknown), else the old code."""
+    if "code" in run:
+        return run["code"]
+    head = (run.get("src") or {}).get("head")
+    if not head:
+        return dict(OLD_CODE)
+    out = {}
+    for key, (rel, text, when_found) in FEATURES.items():
+        try:
+            src = subprocess.run(["git", "show", f"{head}:src/svdpress/{rel}"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30).stdout
+        except Exception:
+            return dict(OLD_CODE)
+        out[key] = when_found if text in src else not when_found
+    return out
+
+
+def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False,
+                 feat: Optional[dict] = None) -> dict[str, dict[str, float]]:
+    """Predicted {stage: {"anon": bytes above A0, "file": bytes file-backed above F0}} for one run (MEMORY_MODEL),
+    for the code described by `feat` (default: the current src/). `fixes`: with the further changes proposed in
+    the README's Scale section."""
+    feat = code_features() if feat is None else feat
+    mapped_kept, fisher_kfac = feat["mapped_kept"], feat["fisher_for_kfac"]
+    prev_kept, copies = feat["prev_block_kept"], feat["cholesky_copies"]
     fac, alloc = method.split("+")
     d, f, q, h, V, L = sp.hidden, sp.intermediate, sp.q_dim, sp.kv_dim, sp.vocab, sp.layers
     b, bd = DTYPE_BYTES[s["dtype"]], DTYPE_BYTES[sp.disk]
@@ -543,25 +590,29 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
     C = sum(8 * n * n for _, n in groups)
     out: dict[str, dict[str, float]] = {}
 
-    # file-backed pages read so far (cumulative: the checkpoint's file handles are cached for the whole run)
-    blocks_file = L * sp.block_params * bd
-    step = max(1024, (64 * MiB) // (d * 4))  # Runner._lookup's vocabulary chunk
-    emb_file = min(V, -(-49152 // step) * step) * d * bd  # chunks holding the tokenizer's ids (< 49152)
-    head_file = V * d * bd  # a loss over the vocabulary reads every row of the head
-
     def chunk(T: int) -> int:  # model/head.py: Head.chunk (fixes: also at most 2^25 weights per chunk)
         c = max(256, min(V, (1 << 25) // max(T, 1)))
         return min(c, max(256, (1 << 25) // d)) if fixes else c
 
-    if fixes:  # file handles dropped after each block: one block and one chunk of the head mapped at a time
-        blocks_file = sp.block_params * bd
+    # file-backed pages: the tensors read from the checkpoint are views of its mapping
+    blk_file = sp.block_params * bd
+    step = max(1024, (64 * MiB) // (d * 4))  # Runner._lookup's vocabulary chunk
+    if mapped_kept:  # every page read stays mapped: cumulative
+        blocks_file = L * blk_file
+        emb_file = min(V, -(-49152 // step) * step) * d * bd  # chunks holding the tokenizer's ids (< 49152)
+        head_file = V * d * bd
+    else:  # only what is referenced: one block, one chunk of the embedding or head
+        blocks_file = blk_file
         emb_file = step * d * bd
         head_file = chunk(256) * d * bd
+    head_kept = 4 * V * d * bd <= s.get("budget", 1.5 * GiB)  # Runner.head keeps a small head (views, file-backed)
+    if head_kept:
+        head_file = V * d * bd
     touched = 0.0
 
     if fac in ("kfac", "fwsvd"):
         T = B - nseq
-        fisher = fac == "fwsvd" or not fixes  # fixes: the Fisher only for the method that uses it
+        fisher = fac == "fwsvd" or (fisher_kfac and not fixes)
         acc, peak = 0.0, 0.0
         for _, m, n in reversed(lin):  # backward order: each layer's G (8m²) and Fisher (8mn) while it is added
             own = 8 * m * m + (8 * m * n if fisher else 0)
@@ -575,22 +626,29 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
         touched = blocks_file + head_file + (0 if sp.tied else emb_file)
         out["calibrate_gradients"] = {"anon": fixed + max(peak + act, 3 * T * chunk(T) * 4), "file": touched}
 
-    base_cal = w + N * d * b + 4 * B * d * b + B * (q + 2 * h) * b
+    prev = (2 * C if copies else C) if prev_kept else 0  # the last block's X·Xᵀ (and factors) until next() returns
+    base_cal = w + N * d * b + 4 * B * d * b + B * (q + 2 * h) * b + prev
     out["calibrate"] = {"anon": base_cal + max(C - 8 * f * f + 3 * B * f * b, C + B * f * b + 12 * R * f)}
-    touched = max(touched, blocks_file + emb_file)
+    touched = max(touched, blocks_file + emb_file) if mapped_kept else max(blk_file, emb_file)
     out["calibrate"]["file"] = touched
 
     peak, gfile, seen = 0.0, 0.0, set()
-    held = C  # X·Xᵀ or its factor, per group (fixes: a group's factor goes after its last layer)
+    held = C  # now: X·Xᵀ or the factor written over its copy, per group; old code: X·Xᵀ and every factor so far
     for name, m, n in lin:
         k, W = min(m, n), 8 * m * n
         hold = held + N * d * b
         if group_of[name] not in seen:
-            peak = max(peak, hold + W + 8 * n * n)  # the symmetrized copy that becomes L (X·Xᵀ freed after)
+            chol = 16 * n * n if copies else 8 * n * n  # symmetrized copy (+ a separate L in the old code)
+            peak = max(peak, hold + W + chol)
             seen.add(group_of[name])
+            if copies:
+                held += 8 * n * n
+                hold += 8 * n * n
         svd = 8 * (m * k + k * n) + 8 * (2 * m * n + 2 * k * k)  # U, Vh + gesdd's copy and workspace
         if fac == "kfac":
-            hold += 8 * m * m  # L_G (the damped copy, factored in place); G: file-backed
+            if copies:  # old: damped symmetrized copy, then a separate L_G
+                peak = max(peak, hold + W + 16 * m * m)
+            hold += 8 * m * m  # L_G (now: the damped copy, factored in place); G: file-backed
             peak = max(peak, hold + W + 16 * m * n, hold + W + 8 * m * n + svd,
                        hold + W + 8 * (m * k + k * n) + 1.41 * 8 * m * k)
             gfile = max(gfile, 8 * m * m)
@@ -598,36 +656,46 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
             peak = max(peak, hold + W + 8 * m * n + svd, hold + W + 8 * (m * k + k * n) + 1.41 * 8 * k * n)
         if fixes and last_of[group_of[name]] == name:
             held -= 8 * n * n
-    out["factorize"] = {"anon": peak, "file": touched + gfile}
+    wfile = 0 if mapped_kept else max(m * n for _, m, n in lin) * bd  # the layer's W read from the checkpoint
+    out["factorize"] = {"anon": peak, "file": touched + gfile + wfile}
 
     if alloc in ("fermigrad", "lems"):
         T = 256  # fermigrad: batch_size 2 × seqlen 128; lems: probe batches of the same size
-        touched = max(touched, blocks_file + head_file + (0 if sp.tied else emb_file))
+        t_alloc = (max(touched, blocks_file + head_file + (0 if sp.tied else emb_file)) if mapped_kept
+                   else blk_file + head_file)
         spectra_blk = sum((m + n) * min(m, n) * 4 for _, m, n in lin)  # masks' U, V: views of the spectra files
-        out["allocate"] = {"anon": w + 4 * T * chunk(T) * 4, "file": touched + spectra_blk}
+        out["allocate"] = {"anon": w + 4 * T * chunk(T) * 4, "file": t_alloc + spectra_blk}
+        if mapped_kept:
+            touched = t_alloc
     else:
-        out["allocate"] = {"anon": 0.0, "file": touched}
+        out["allocate"] = {"anon": 0.0, "file": touched if mapped_kept else 0.0}
 
     r = {name: max(1, int(s["ratio"] * m * n / (m + n))) for name, m, n in lin}  # uniform's ranks
     new = sum((m + n) * r[nm] * b for nm, m, n in lin)
     biggest = max((m + n) * r[nm] * 12 for nm, m, n in lin)
     last = lin[-1]
-    out["build"] = {"anon": w + new + biggest, "file": touched + (last[1] + last[2]) * min(last[1:]) * 4}
+    spec_layer = (last[1] + last[2]) * min(last[1:]) * 4  # one layer's U, V (views of its spectrum file)
+    out["build"] = {"anon": w + new + biggest,
+                    "file": (touched if mapped_kept else blk_file) + spec_layer}
 
-    extra = V * d * b * (1 if sp.tied else 2) if b != bd else 0
+    extra = V * d * b if b != bd else 0  # one embedding/head converted at a time
     emb_all = V * d * bd * (1 if sp.tied else 2)
     out["export"] = {"anon": base.get("matplotlib", 0.0) + extra,
-                     "file": (V * d * bd) if fixes else max(touched, blocks_file + emb_all)}
+                     "file": max(touched, blocks_file + emb_all) if mapped_kept else V * d * bd}
     for k in ("load", "data"):
         out[k] = {"anon": 0.0, "file": 0.0}
     return out
 
 
-def predict(sp: Spec, method: str, settings: dict, base: dict, fixes: bool = False) -> dict[str, dict[str, float]]:
-    """Per stage MB: anon (A0 + terms), file (file-backed upper bound), rss = anon + file."""
+def predict(sp: Spec, method: str, settings: dict, base: dict, fixes: bool = False,
+            feat: Optional[dict] = None) -> dict[str, dict[str, float]]:
+    """Per stage MB: anon (A0 + terms), file (F0 + terms; an upper bound), rss = anon + file."""
+    from svdpress.memory import parse_max_memory
+
+    budget = parse_max_memory(settings.get("max_memory") or "cpu=1.5GiB").get("cpu", int(1.5 * GiB))
     s = {"dtype": settings.get("dtype", "float32"), "ratio": settings.get("ratio", 0.8),
-         "samples": settings.get("calib_samples", 8), "seqlen": settings.get("calib_seqlen", 256)}
-    terms = _stage_terms(sp, method, s, base, fixes)
+         "samples": settings.get("calib_samples", 8), "seqlen": settings.get("calib_seqlen", 256), "budget": budget}
+    terms = _stage_terms(sp, method, s, base, fixes, feat)
     a0, f0 = base.get("anon_mb", 0.0), base.get("file_mb", 0.0)
     out = {}
     for stage, t in terms.items():
@@ -682,6 +750,14 @@ def _size(models: dict, name: str) -> tuple[Optional[float], Optional[float]]:
     return m.get("params"), m.get("disk_mb")
 
 
+def _code(r: dict) -> str:
+    """The src/ a run measured: its HEAD (+ if src/ had uncommitted changes), or "old" (before 3dcb3e1)."""
+    src = r.get("src")
+    if not src:
+        return "old"
+    return src.get("head", "?") + ("+" if src.get("src_dirty") else "")
+
+
 def _vshort(r: dict) -> str:
     v = r.get("variant", "default")
     return "glibc default" if v == "default" else "mmap thr " + v.split("=")[-1]
@@ -727,7 +803,7 @@ def model_tables(res: dict, markdown: bool) -> str:
         if r["rc"] != 0 or r["model"] not in MODELS or r["settings"].get("device", "cpu").startswith("cuda"):
             continue  # the formulas are the CPU placement's (on CUDA the statistics live on the GPU)
         sp = MODELS[r["model"]]
-        pred = predict(sp, r["method"], r["settings"], _base_of(r, mpl))
+        pred = predict(sp, r["method"], r["settings"], _base_of(r, mpl), feat=features_of(r))
         for s in STAGES[2:]:
             an = _stage_fig(r, s, "cpu_anon_peak_mb")
             fi = _stage_fig(r, s, "cpu_file_peak_mb")
@@ -762,27 +838,28 @@ def compact_tables(res: dict, markdown: bool) -> str:
         worst = max(STAGES, key=lambda s: _stage_fig(r, s, "cpu_rss_peak_mb") or 0)
         tv = r.get("time_v", {}).get("maxrss_mb")
         rows.append([r["model"], f"{params / 1e9:.2f}B, {disk / 1024:.1f} GiB" if params else "-", r["method"],
-                     _vshort(r), "ok" if r["rc"] == 0 else f"rc={r['rc']}", _secs(r, "total") or r.get("wall_s"),
+                     _vshort(r), _code(r), "ok" if r["rc"] == 0 else f"rc={r['rc']}",
+                     _secs(r, "total") or r.get("wall_s"),
                      secs, f"{_stage_fig(r, worst, 'cpu_rss_peak_mb'):.0f} ({short.get(worst, worst)})",
                      r["poll"]["anon_peak_mb"], r["poll"]["file_peak_mb"], tv,
                      "-" if tv is None else ("yes" if tv < TARGET_RSS / MiB else "**no**")])
         if r["rc"] != 0 or r["model"] not in MODELS or r["settings"].get("device", "cpu").startswith("cuda"):
             continue
-        pred = predict(MODELS[r["model"]], r["method"], r["settings"], _base_of(r, mpl))
+        pred = predict(MODELS[r["model"]], r["method"], r["settings"], _base_of(r, mpl), feat=features_of(r))
         stages = [s for s in short if _stage_fig(r, s, "cpu_anon_peak_mb") is not None]
         errs = sorted(abs(pred[s]["anon_mb"] - _stage_fig(r, s, "cpu_anon_peak_mb"))
                       / _stage_fig(r, s, "cpu_anon_peak_mb") * 100 for s in stages)
         top = max(stages, key=lambda s: _stage_fig(r, s, "cpu_anon_peak_mb"))
         fmeas = max(_stage_fig(r, s, "cpu_file_peak_mb") or 0 for s in stages)
         fpred = max(pred[s]["file_mb"] for s in stages)
-        val.append([r["model"], r["method"], _vshort(r), short[top], pred[top]["anon_mb"],
+        val.append([r["model"], r["method"], _vshort(r), _code(r), short[top], pred[top]["anon_mb"],
                     _stage_fig(r, top, "cpu_anon_peak_mb"),
                     f"{100 * (pred[top]['anon_mb'] / _stage_fig(r, top, 'cpu_anon_peak_mb') - 1):+.0f}%",
                     f"{errs[len(errs) // 2]:.0f}% / {errs[-1]:.0f}%", fpred, fmeas])
-    head = ["model", "size", "method", "malloc", "run", "total s",
+    head = ["model", "size", "method", "malloc", "src", "run", "total s",
             "s per stage: " + " / ".join(short.values()), "peak RSS MB (stage)", "anon peak MB",
             "file-backed peak MB", "maxrss MB (time -v)", "< 2 GiB"]
-    vhead = ["model", "method", "malloc", "largest stage", "anon pred MB", "anon meas MB", "error",
+    vhead = ["model", "method", "malloc", "src", "largest stage", "anon pred MB", "anon meas MB", "error",
              "|error| median / max over stages", "file-backed pred MB (max)", "file-backed meas MB (max)"]
     return table(rows, head, markdown) + "\n\n" + table(val, vhead, markdown)
 
@@ -919,7 +996,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             for method in methods:
                 rec = run_one(m, path, method, a, work, logs)
-                rec["predicted"] = predict(MODELS[m], method, rec["settings"], _base_of(rec, res["matplotlib_mb"]))
+                rec["predicted"] = predict(MODELS[m], method, rec["settings"], _base_of(rec, res["matplotlib_mb"]),
+                                           feat=rec["code"])
                 key = (m, method, rec["variant"])
                 res["runs"] = [r for r in res["runs"] if (r["model"], r["method"], r.get("variant")) != key] + [rec]
                 _save(a.out, res)
@@ -931,7 +1009,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print()
         print(model_tables(res, a.markdown))
     if a.extrapolate:
-        methods = sorted({r["method"] for r in res.get("runs", [])}) or a.methods.split(",")
+        seen = [r["method"] for r in res.get("runs", [])]
+        order = a.methods.split(",") + ["kfac+lems"]
+        methods = sorted(set(seen) or set(order), key=lambda m: order.index(m) if m in order else len(order))
         print()
         print(extrapolation_table(res, a.markdown, a.extrapolate_dtype, methods))
     res["memory_model"] = MEMORY_MODEL
