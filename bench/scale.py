@@ -126,6 +126,8 @@ MODELS: dict[str, Spec] = {
     "tiny-wide": Spec(1024, 4096, 8, 16, 4, 128256, tied=True),
     # Llama-3.2-1B's shapes (1.24B parameters, 4.9 GB in float32)
     "llama-3.2-1b": Spec(2048, 8192, 16, 32, 8, 128256, tied=True, max_pos=131072),
+    # the same widths with 2 blocks: the per-block peak of llama-3.2-1b in minutes (a development proxy)
+    "llama-3.2-1b-2l": Spec(2048, 8192, 2, 32, 8, 128256, tied=True, max_pos=131072),
     # Llama-3-8B's shapes (GPU machines; bfloat16 on disk)
     "llama-3-8b": Spec(4096, 14336, 32, 32, 8, 128256, tied=False, disk="bfloat16"),
 }
@@ -600,14 +602,14 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
     if mapped_kept:  # every page read stays mapped: cumulative
         blocks_file = L * blk_file
         emb_file = min(V, -(-49152 // step) * step) * d * bd  # chunks holding the tokenizer's ids (< 49152)
-        head_file = V * d * bd
     else:  # only what is referenced: one block, one chunk of the embedding or head
         blocks_file = blk_file
         emb_file = step * d * bd
-        head_file = chunk(256) * d * bd
     head_kept = 4 * V * d * bd <= s.get("budget", 1.5 * GiB)  # Runner.head keeps a small head (views, file-backed)
-    if head_kept:
-        head_file = V * d * bd
+
+    def head_file(T: int) -> float:  # the head rows mapped while a loss over T tokens runs
+        return V * d * bd if (mapped_kept or head_kept) else chunk(T) * d * bd
+
     touched = 0.0
 
     if fac in ("kfac", "fwsvd"):
@@ -623,7 +625,8 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
             acc += own
         act = B * (4 * d + 2 * q + 2 * h + 4 * f) * 4
         fixed = w + N * d * b + L * N * d * b + N * d * 4
-        touched = blocks_file + head_file + (0 if sp.tied else emb_file)
+        touched = (blocks_file + head_file(T) + (0 if sp.tied else emb_file) if mapped_kept
+                   else max(blk_file, head_file(T), emb_file))  # now: the loss, then one block at a time
         out["calibrate_gradients"] = {"anon": fixed + max(peak + act, 3 * T * chunk(T) * 4), "file": touched}
 
     prev = (2 * C if copies else C) if prev_kept else 0  # the last block's X·Xᵀ (and factors) until next() returns
@@ -661,8 +664,8 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False
 
     if alloc in ("fermigrad", "lems"):
         T = 256  # fermigrad: batch_size 2 × seqlen 128; lems: probe batches of the same size
-        t_alloc = (max(touched, blocks_file + head_file + (0 if sp.tied else emb_file)) if mapped_kept
-                   else blk_file + head_file)
+        t_alloc = (max(touched, blocks_file + head_file(T) + (0 if sp.tied else emb_file)) if mapped_kept
+                   else max(blk_file, head_file(T)))
         spectra_blk = sum((m + n) * min(m, n) * 4 for _, m, n in lin)  # masks' U, V: views of the spectra files
         out["allocate"] = {"anon": w + 4 * T * chunk(T) * 4, "file": t_alloc + spectra_blk}
         if mapped_kept:

@@ -194,3 +194,69 @@ def test_stats_cache_hit_stale_and_corrupt(setup, tmp_path, monkeypatch):
     assert calls == {"blocks": 4, "grads": 3}
     _spectra(model, samples[:2], tmp_path)  # other calibration data: another key
     assert calls == {"blocks": 5, "grads": 4}
+
+
+def test_cholesky_inplace_against_torch_on_every_rung(monkeypatch):
+    """The in-place ladder (CPU potrf over one triangle, restored from the other) gives torch's Cholesky of
+    the same (jittered) matrix: full rank → no jitter; rank-deficient → the first jitter that works."""
+    from svdpress.factorize import whiten
+    from svdpress.factorize.whiten import JITTERS, cholesky_inplace
+
+    monkeypatch.setattr(whiten, "TILE", 24)  # several tiles, one of them ragged
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    C = X.T @ X
+    C[3, 5] += 1e-9  # a not quite symmetric C: the symmetric part is factored
+    wh = cholesky_inplace(C.clone())
+    sym = (C + C.T) / 2
+    assert wh.note == "" and torch.allclose(wh.S, torch.linalg.cholesky(sym), rtol=1e-10, atol=1e-10)
+
+    X = torch.randn(20, 64, generator=g, dtype=torch.float64)  # rank 20 < 64: singular
+    C = X.T @ X
+    wh = cholesky_inplace(C.clone())
+    assert "jitter" in wh.note
+    eps = float(wh.note.split()[2].split("*")[0])
+    assert eps in JITTERS
+    want = torch.linalg.cholesky(C + eps * C.diagonal().mean() * torch.eye(64, dtype=torch.float64))
+    assert torch.allclose(wh.S, want, rtol=1e-9, atol=1e-9)
+    smaller = [e for e in JITTERS if e < eps]  # every smaller jitter really fails
+    for e in smaller:
+        _, info = torch.linalg.cholesky_ex(C + e * C.diagonal().mean() * torch.eye(64, dtype=torch.float64))
+        assert int(info) != 0
+
+    wh = cholesky_inplace(-torch.eye(8, dtype=torch.float64))  # never positive definite: eigen fallback
+    assert "eigen fallback" in wh.note and torch.isfinite(wh.S).all()
+
+
+def test_gradient_stats_in_several_passes_equal_one(setup, monkeypatch):
+    """A block's backward repeated once per layer (what a small --max-memory does to wide layers) gives the
+    same G and Fisher as one pass, and leaves no gradient in the model."""
+    from svdpress import calibrate
+
+    model, samples, grads, _ = setup
+    monkeypatch.setattr(calibrate, "_passes", lambda targets, fisher, cap: [[t] for t in targets])
+    split = gradient_stats(model, samples, batch_size=4, progress=False)
+    assert split.keys() == grads.keys()
+    for name in grads:
+        for k in grads[name]:
+            torch.testing.assert_close(split[name][k], grads[name][k], rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "svd-llm-v2", "kfac"])
+def test_consuming_factorizers_give_the_same_spectrum(setup, method):
+    """With consume=True (the pipeline's case) W and G are overwritten in place: same spectrum as with copies."""
+    import copy
+
+    model, _, grads, block0 = setup
+    name = "model.layers.0.mlp.down_proj"
+    W = model.get_submodule(name).weight.detach().double()
+    ref = FACTORIZERS[method].fn(W.clone(), LayerStats(copy.deepcopy(block0.inputs[name]), **grads[name]))
+    inputs = copy.deepcopy(block0.inputs[name])
+    inputs._cache["release_after_whitening"] = True
+    g = {k: v.clone() for k, v in grads[name].items()}
+    ours = FACTORIZERS[method].fn(W.clone(), LayerStats(inputs, **g, consume=True))
+    torch.testing.assert_close(ours.S, ref.S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.weight(8), ref.weight(8), rtol=1e-6, atol=1e-8)
+    assert inputs.xtx is None  # X·Xᵀ was consumed

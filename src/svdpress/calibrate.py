@@ -105,7 +105,9 @@ def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool)
                     if t is x:  # same tensor as a sibling layer: share its statistics
                         stats.setdefault(name, s)
                         return
-                s = stats.setdefault(name, InputStats.zeros(n, x.device))
+                s = stats.get(name)
+                if s is None:  # (not setdefault: that would build a new n×n zero matrix on every batch)
+                    s = stats[name] = InputStats.zeros(n, x.device)
                 s.add(x)
                 seen.append((x, s))
             return fn
@@ -123,7 +125,8 @@ def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool)
                     hd.remove()
         out = _finish(i, stats)
         stats = seen = None  # the suspended generator must not keep this block's X·Xᵀ alive (the consumer
-        yield out            # frees each one as soon as it is whitened)
+        yield out            # frees each one as soon as it is whitened),
+        out = None           # nor, once resumed, this block's statistics and whiteners during the next block
 
 
 def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
@@ -173,13 +176,16 @@ class _GradAccumulator:
         return fn
 
     def _backward(self, name: str, m: int, n: int, device, x: torch.Tensor, g: torch.Tensor) -> None:
-        s = self.stats.setdefault(name, {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=device)})
+        s = self.stats.get(name)
+        if s is None:  # built once (setdefault would zero a new m×m float64 matrix on every batch)
+            s = self.stats[name] = {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=device)}
         g = g.float()
         add_gram(s["out_grad"], g.reshape(-1, m))  # G += Σ_t g_t g_tᵀ
         if self.fisher:
             b = g.shape[0]
             dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))  # ∂L_s/∂W
-            s.setdefault("weight_fisher", torch.zeros(m, n, dtype=torch.float64, device=device))
+            if "weight_fisher" not in s:
+                s["weight_fisher"] = torch.zeros(m, n, dtype=torch.float64, device=device)
             s["weight_fisher"] += (dW ** 2).sum(0).double()  # F += Σ_s (∂L_s/∂W)²
 
 
@@ -208,9 +214,12 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
         hn = runner.final(h)[:, :-1]
         return nll_sum(runner.head, hn.reshape(-1, hn.shape[-1]), ids[:, 1:].reshape(-1))
 
-    def hook(i: int, _blk) -> list:
+    parts = [_passes(runner.arch.in_block(i), fisher, runner.budget() // 4) for i in range(len(runner.blocks))]
+
+    def hook(i: int, _blk, p: int) -> list:
+        done(i)  # the previous pass's layers are complete
         return [runner.model.get_submodule(t.name).register_forward_hook(acc.forward(t.name, t.shape.m, t.shape.n))
-                for t in runner.arch.in_block(i)]
+                for t in parts[i][p]]
 
     def done(i: int) -> None:
         for t in runner.arch.in_block(i):
@@ -219,6 +228,23 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
 
     bar = tqdm(total=len(runner.blocks), desc="gradients", unit="block", disable=not progress)
     with torch.enable_grad():
-        runner.backward(states, loss_fn, hook=hook, on_block_done=lambda i: (done(i), bar.update()))
+        runner.backward(states, loss_fn, hook=hook, on_block_done=lambda i: (done(i), bar.update()),
+                        passes=lambda i: len(parts[i]))
     bar.close()
+    return out
+
+
+def _passes(targets: list, fisher: bool, cap: int) -> list[list]:
+    """The block's layers split into backward passes whose statistics (8m² bytes of G, + 8mn of Fisher, each)
+    stay under `cap` together: one pass when they fit, as for any model whose block is small next to the memory
+    budget; a Llama-3-8B MLP's two 14336-wide G (1.6 GB each) get a pass each under a small one."""
+    out: list[list] = [[]]
+    used = 0
+    for t in sorted(targets, key=lambda t: t.shape.m):
+        size = 8 * t.shape.m * (t.shape.m + (t.shape.n if fisher else 0))
+        if out[-1] and used + size > cap:
+            out.append([])
+            used = 0
+        out[-1].append(t)
+        used += size
     return out

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +30,10 @@ from safetensors.torch import save_file
 from .errors import SvdpressError
 from .lowrank import LAYER_KINDS
 from .models import MANIFEST
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}  # safetensors' names
 
 REMOTE_FILES = ("lowrank.py", "modeling_svdpress.py")
 FORMAT_VERSION = 1
@@ -120,6 +126,31 @@ class ShardWriter:
             self.total += v.numel() * v.element_size()
         return self.tmp / name
 
+    def add_chunked(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                    chunks: Iterable[torch.Tensor]) -> Path:
+        """One shard holding one tensor, written as its slices arrive. The safetensors layout is a little-endian
+        u64 header length, a JSON header padded to 8 bytes, then the raw bytes (what `save_file` writes for one
+        tensor); only one slice is ever in memory."""
+        self.count += 1
+        path = self.tmp / f"model-{self.count:05d}.safetensors"
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header = {"__metadata__": {"format": "pt"},
+                  name: {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        written = 0
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for c in chunks:
+                c = c.detach().to("cpu", dtype).contiguous()
+                f.write(c.view(torch.uint8).numpy().data if c.numel() else b"")
+                written += c.numel() * c.element_size()
+        if written != nbytes:
+            raise SvdpressError(f"export of {name}: wrote {written} bytes, expected {nbytes}")
+        self.weight_map[name] = path.name
+        self.total += nbytes
+        return path
+
     def finish(self, runner, tokenizer, manifest: Mapping[str, Any],
                extra_files: Mapping[str, bytes] | None = None) -> Path:
         """The tensors outside the blocks (one shard each for the large ones), index, config, tokenizer, remote
@@ -132,12 +163,10 @@ class ShardWriter:
             if name.startswith(prefix) or id(t) in seen:
                 continue
             seen.add(id(t))  # tied tensors are saved once, under their first name (transformers re-ties them)
-            value = runner.tensor_value(name)
-            if value.numel() * value.element_size() > 64 * 2**20:
-                self.add({name: value})
+            if t.numel() * t.element_size() > 64 * 2**20:  # written slice by slice (embeddings, LM head)
+                self.add_chunked(name, tuple(t.shape), t.dtype, runner.tensor_chunks(name))
             else:
-                small[name] = value
-            del value
+                small[name] = runner.tensor_value(name)
         if small:
             self.add(small)
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}

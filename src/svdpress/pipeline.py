@@ -25,7 +25,7 @@ from .errors import SvdpressError
 from .export import ShardWriter
 from .factorize import FACTORIZERS, LayerSpectrum, LayerStats
 from .lowrank import LowRankLinear, set_module
-from .memory import PeakMemory
+from .memory import PeakMemory, trim
 from .model import Placement, Runner
 from .models import ModelSource, load_model
 from .params import count_params, dense_count, layer_params, model_params
@@ -77,14 +77,25 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
         if bs is None:
             break
         with stages("factorize"):
-            for name, inputs in bs.inputs.items():
-                W = runner.weight(name).to(device=device, dtype=torch.float64)
-                stats = LayerStats(inputs=_to_device(inputs, device), **(grads[name] if name in grads else {}))
+            left = {id(bs.inputs[g[0]]): len(g) for g in bs.groups}  # layers still to factor, per shared input
+            # widest input first: its X·Xᵀ (down_proj's, 8·f² bytes) is consumed before any wide G is read back
+            order = sorted(bs.inputs.items(), key=lambda kv: -kv[1].abs_sum.numel())
+            for name, inputs in order:
+                # W (a float64 copy) and the gradient statistics are used once: the factorizer may overwrite them
+                W = runner.weight(name).to(device=device, dtype=torch.float64, copy=True)
+                g = grads.pop(name) if name in grads else {}
+                stats = LayerStats(inputs=_to_device(inputs, device), **g, consume=True)
                 check_finite(name, W, stats)
                 stats.inputs._cache["release_after_whitening"] = True  # X·Xᵀ freed once whitened
                 spectra[name] = _cpu(fac.fn(W, stats))
-                del W, stats
+                left[id(inputs)] -= 1
+                if not left[id(inputs)]:  # the group's last layer: its whitener goes
+                    inputs._cache.clear()
+                    stats.inputs._cache.clear()
+                del W, stats, g
+                trim()
         bs = inputs = None  # this block's statistics and whiteners go before the next block is calibrated
+        trim()
     return spectra
 
 
@@ -101,13 +112,19 @@ def _large_gradients(runner: Runner, method: str) -> bool:
 def check_finite(name: str, W: torch.Tensor, stats: LayerStats) -> None:
     """Weights and calibration statistics must be finite before they are factorized (a NaN would silently
     become a NaN model): the first bad layer is named."""
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise SvdpressError(f"layer {name}: its weights contain NaN or Inf; the model itself is broken")
     for what, t in (("input statistics", stats.inputs.xtx), ("gradient statistics", stats.out_grad),
                     ("Fisher statistics", stats.weight_fisher)):
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not all_finite(t):
             raise SvdpressError(f"layer {name}: its {what} contain NaN or Inf (overflowing activations in "
                                 f"--dtype {str(W.dtype)}? try float32)")
+
+
+def all_finite(t: torch.Tensor, rows: int = 256) -> bool:
+    """torch.isfinite(t).all(), a slice of rows at a time: isfinite builds |t| and two masks, which for an
+    8192-wide float64 matrix would be 640 MB of temporaries."""
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 def _to_device(inputs, device):
@@ -223,7 +240,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             torch.manual_seed(cfg.seed)
             grads = TensorStore(on_disk or _large_gradients(runner, cfg.factorize), cfg.offload_dir)
             stack.callback(grads.close)
-            factorize_model(runner, samples, cfg.factorize, stages, cfg.calib_batch_size, cfg.progress,
+            batch = runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size)
+            factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
                             cfg.stats_cache, spectra, grads)
             grads.close()
             problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
@@ -255,7 +273,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "params": params,
             "calibration": None if calib_part is None else {
                 "text": calib_part.describe(), "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen,
-                "tokens": int(samples.numel())},
+                "tokens": int(samples.numel()), "batch_size": batch},
             "seed": cfg.seed,
             "device": device,
             "placement": runner.describe(),

@@ -53,7 +53,9 @@ class _Store(MutableMapping):
             self.folder = None
 
     def __delitem__(self, name: str) -> None:
-        del self._items[name]
+        item = self._items.pop(name)
+        if isinstance(item, Path):
+            item.unlink(missing_ok=True)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

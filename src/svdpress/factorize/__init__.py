@@ -26,6 +26,7 @@ class LayerStats:
     out_grad: Optional[torch.Tensor] = None  # (m, m) float64: Σ_t g_t g_tᵀ, g = ∂loss/∂(layer output), token-wise
     weight_fisher: Optional[torch.Tensor] = None  # (m, n) float64: Σ_samples (∂loss/∂W)² (FWSVD)
     extra: dict = field(default_factory=dict)
+    consume: bool = False  # W and the gradient statistics are this call's own: they may be overwritten as used
 
 
 @dataclass

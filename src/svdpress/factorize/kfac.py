@@ -22,23 +22,29 @@ import torch
 from ..calibrate import InputStats
 from ..errors import SvdpressError
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import cholesky_of, symmetric, whitener
+from .whiten import cholesky_inplace, left_mul_, right_mul_, symmetrize_, whitener
 
 DAMPING = 1e-2  # δ in G + δ·mean(diag G)·I
 
 
-def damped(G: torch.Tensor, damping: float) -> torch.Tensor:
-    """(G + Gᵀ)/2 + δ·mean(diag G)·I (float64), in one new m×m matrix."""
-    G = symmetric(G.double())
+def damped_(G: torch.Tensor, damping: float) -> torch.Tensor:
+    """G ← (G + Gᵀ)/2 + δ·mean(diag G)·I, in place (float64)."""
+    symmetrize_(G)
     G.diagonal().add_(float(damping * G.diagonal().mean()))
     return G
 
 
-def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING) -> LayerSpectrum:
-    """SVD of L_Gᵀ W L_C, un-whitened on both sides."""
+def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping: float = DAMPING,
+                  consume: bool = False) -> LayerSpectrum:
+    """SVD of L_Gᵀ W L_C, un-whitened on both sides. With `consume`, W and G are this call's own: G's memory
+    becomes L_G (an 8192-wide G is 512 MB in float64) and W's becomes L_Gᵀ W L_C; otherwise copies are made."""
     right = whitener(inputs, "cholesky")  # shared by the layers reading this input (q/k/v, gate/up)
-    left = cholesky_of(lambda: damped(G.to(W.device), damping))  # the damped copy becomes the factor
-    M = left.S.T.to(W) @ W @ right.S.to(W)  # L_Gᵀ W L_C
+    G = G.to(W.device, torch.float64, copy=not consume)
+    left = cholesky_inplace(damped_(G, damping))
+    if consume:  # L_Gᵀ W L_C written over W
+        M = left_mul_(left.S.T.to(W), right_mul_(W, right.S.to(W)))
+    else:
+        M = left.S.T.to(W) @ W @ right.S.to(W)
     note = "; ".join(f"{side}: {wh.note}" for side, wh in (("out", left), ("in", right)) if wh.note)
     return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note)
 
@@ -47,4 +53,7 @@ def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping:
 def kfac(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     if stats.out_grad is None:
         raise SvdpressError("kfac needs output-gradient statistics (calibrate.gradient_stats)")
-    return kfac_spectrum(W, stats.inputs, stats.out_grad, DAMPING)
+    G = stats.out_grad
+    if stats.consume:
+        stats.out_grad = None
+    return kfac_spectrum(W, stats.inputs, G, DAMPING, stats.consume)

@@ -7,10 +7,11 @@ calibration inputs, and the truncation error is exactly Σ_{j>r} σ_j². A = U_r
 import torch
 
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import whitener
+from .whiten import right_mul_, whitener
 
 
 @register_factorizer("svd-llm", description="Cholesky-whitened SVD (SVD-LLM)")
 def svd_llm(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     wh = whitener(stats.inputs, "cholesky")
-    return spectrum_from_svd(W @ wh.S.to(W), right=wh.undo, note=wh.note)
+    M = right_mul_(W, wh.S.to(W)) if stats.consume else W @ wh.S.to(W)  # W·S (over W when W is ours)
+    return spectrum_from_svd(M, right=wh.undo, note=wh.note)

@@ -9,10 +9,11 @@ instead of failing, which is what makes it robust when X·Xᵀ is singular (few 
 import torch
 
 from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
-from .whiten import whitener
+from .whiten import right_mul_, whitener
 
 
 @register_factorizer("svd-llm-v2", description="eigen-whitened SVD (SVD-LLM v2 whitening)")
 def svd_llm_v2(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     wh = whitener(stats.inputs, "eigen")
-    return spectrum_from_svd(W @ wh.S.to(W), right=wh.undo, note=wh.note)
+    M = right_mul_(W, wh.S.to(W)) if stats.consume else W @ wh.S.to(W)  # W·S (over W when W is ours)
+    return spectrum_from_svd(M, right=wh.undo, note=wh.note)

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 ELEMENTS = 1 << 25  # logits per chunk (128 MB of float32): tokens × vocabulary columns
+ROW_ELEMENTS = 1 << 24  # head weights per chunk (64 MB of float32): vocabulary rows × hidden size
 
 
 @dataclass
@@ -30,9 +31,14 @@ class Head:
     bias: Optional[torch.Tensor] = None
     softcap: Optional[float] = None
     elements: int = ELEMENTS
+    width: int = 0  # hidden size (0: unknown, the rows are not bounded)
+    row_elements: int = ROW_ELEMENTS
 
     def chunk(self, tokens: int) -> int:
-        return max(256, min(self.vocab, self.elements // max(tokens, 1)))
+        """Vocabulary rows per chunk: bounded by the logits (tokens × rows) and by the head's own rows (rows ×
+        width), which a streamed head reads from disk chunk by chunk (a whole 128k×2048 head is 1 GB)."""
+        rows = self.row_elements // self.width if self.width else self.vocab
+        return max(256, min(self.vocab, self.elements // max(tokens, 1), rows))
 
     def logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """z = h W_cᵀ (+ b), soft-capped; float32. h: (T, d)."""

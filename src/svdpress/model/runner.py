@@ -129,6 +129,17 @@ class Runner:
             return mm.get(f"cuda:{idx}", int(torch.cuda.get_device_properties(idx).total_memory * 0.9))
         return mm.get("cpu", int(available_cpu() * 0.8))
 
+    def batch_size(self, seqlen: int, want: int) -> int:
+        """Sequences per pass through a block: `want`, or fewer when streaming, so that one pass's activations
+        (≈ the inputs and outputs of the block's linear layers, Σ(m + n) values a token) take at most 1/16 of
+        the budget. The statistics are sums over tokens, so the batch changes nothing but rounding."""
+        if self.offload == "none":
+            return want
+        item = torch.finfo(self.dtype).bits // 8
+        per_token = max(sum(t.shape.m + t.shape.n for t in self.arch.in_block(i)) for i in range(len(self.blocks)))
+        fits = (self.budget() // 16) // max(per_token * item * seqlen, 1)
+        return int(max(1, min(want, fits)))
+
     def _decide(self) -> str:
         want = self.placement.offload
         if want == "auto":
@@ -289,6 +300,20 @@ class Runner:
         t = self._tensor(name)
         return self._read(name).to(t.dtype) if _on_meta(t) else t.detach().cpu()
 
+    def tensor_chunks(self, name: str, chunk_bytes: int = 64 * MiB) -> Iterator[torch.Tensor]:
+        """A state-dict tensor's value in slices along its first dimension (CPU, the model's dtype), read from
+        disk slice by slice when streaming: an exported 128k×4096 embedding never needs to be in memory whole."""
+        t = self._tensor(name)
+        n = t.shape[0] if t.dim() else 1
+        row = max(t.numel() // max(n, 1), 1) * t.element_size()
+        step = max(1, chunk_bytes // row)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            if _on_meta(t) and t.dim() >= 1:
+                yield self._rows(name, a, b).to(t.dtype)
+            else:
+                yield (self.tensor_value(name) if t.dim() == 0 else t.detach()[a:b]).cpu()
+
     def weight(self, name: str) -> torch.Tensor:
         """The weight of layer `name` as stored (read from disk when streaming), for factorization."""
         t = self._tensor(f"{name}.weight")
@@ -431,7 +456,7 @@ class Runner:
             unscaled = rows
             rows = lambda a, b: unscaled(a, b) * scale  # noqa: E731
             bias = bias * scale if bias is not None else None
-        return Head(rows, w.shape[0], bias, self.arch.softcap)
+        return Head(rows, w.shape[0], bias, self.arch.softcap, width=w.shape[1])
 
     # ---- whole passes -------------------------------------------------------------------------------------
 
@@ -452,15 +477,20 @@ class Runner:
 
     def backward(self, states: list[State], loss_fn: Callable[[int, torch.Tensor], torch.Tensor],
                  overrides: Optional[Mapping[str, Override]] = None,
-                 hook: Optional[Callable[[int, nn.Module], list]] = None,
-                 on_block_done: Optional[Callable[[int], None]] = None) -> float:
+                 hook: Optional[Callable[..., list]] = None,
+                 on_block_done: Optional[Callable[[int], None]] = None,
+                 passes: Optional[Callable[[int], int]] = None) -> float:
         """Σ_j loss_fn(j, h_j) over the batches, back-propagated through every block: leaves that require
         grad (e.g. FermiGrad's μ inside `overrides`) accumulate .grad, and `hook(i, block)` may register hooks
         that see each block's forward and backward (handles returned are removed after the block). h_j is the
         last block's output on the device. Blocks run one at a time, recomputed from their saved inputs, in
         every placement: the autograd graph never spans more than one block, so memory does not grow with depth
         (a whole-model graph of a 4096-token batch is gigabytes even for a 270M model), and the results are the
-        same whether the model is streamed or not."""
+        same whether the model is streamed or not.
+
+        With `passes(i) = P > 1`, block i's backward runs P times, `hook(i, block, p)` registering each pass's
+        hooks (e.g. the gradient statistics of a few layers at a time, when all of them at once would not fit).
+        Only the last pass carries the gradient on and into leaves; the earlier ones only feed the hooks."""
         L = len(self.blocks)
         with torch.no_grad():
             hs, saved = self.forward(states, overrides=overrides, save_inputs=True)
@@ -473,18 +503,23 @@ class Runner:
             grads.append(self.park(x.grad))
         del hs
         for i in reversed(range(L)):
+            P = passes(i) if passes else 1
             with self.block(i, overrides) as blk:
-                handles = hook(i, blk) if hook else []
-                try:
-                    for j, (_, kw) in enumerate(states):
-                        x = saved[i][j].to(self.device).detach().requires_grad_(True)
-                        out = self.run(blk, x, kw)
-                        torch.autograd.backward(out, grads[j].to(self.device))
-                        grads[j] = self.park(x.grad)
-                        saved[i][j] = None
-                finally:
-                    for hd in handles:
-                        hd.remove()
+                for p in range(P):
+                    last = p == P - 1
+                    handles = (hook(i, blk, p) if passes else hook(i, blk)) if hook else []
+                    try:
+                        for j, (_, kw) in enumerate(states):
+                            x = saved[i][j].to(self.device).detach().requires_grad_(True)
+                            out = self.run(blk, x, kw)
+                            torch.autograd.backward(out, grads[j].to(self.device), inputs=None if last else [x])
+                            if last:
+                                grads[j] = self.park(x.grad)
+                                saved[i][j] = None
+                            del x, out
+                    finally:
+                        for hd in handles:
+                            hd.remove()
             if on_block_done:
                 on_block_done(i)
         return total
