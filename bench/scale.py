@@ -46,6 +46,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 MiB = 2 ** 20
@@ -311,17 +312,7 @@ runpy.run_module("svdpress", run_name="__main__", alter_sys=True)
 """
 
 
-def _proc_status(pid: int) -> Optional[dict[str, int]]:
-    try:
-        out = {}
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
-                    k, v = line.split(":", 1)
-                    out[k] = int(v.split()[0]) * 1024
-        return out
-    except OSError:
-        return None
+
 
 
 class Poller:
@@ -349,7 +340,7 @@ class Poller:
         while not self._stop.wait(self.interval):
             tot = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
             for pid in self._pids():
-                s = _proc_status(pid)
+                s = proc_status(pid)
                 for k in tot:
                     tot[k] += (s or {}).get(k, 0)
             for k in tot:
@@ -426,7 +417,6 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     print(f"[{time.strftime('%H:%M:%S')}] {model} {method}: running (log {log})", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     src_state = git_state()  # src/ changes under active development: which code each run measured
-    feats = code_features()
     t0 = time.perf_counter()
     with open(log, "w") as lf:
         lf.write(" ".join(full[:3] + ["<child>"] + full[full.index("compress"):]) + "\n\n")
@@ -441,7 +431,7 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {
         "model": model, "method": method, "variant": _variant(a), "rc": rc, "wall_s": round(wall, 1),
-        "started": started, "src": src_state, "code": feats,
+        "started": started, "src": src_state,
         "cmd": "python -m svdpress " + " ".join(cmd[cmd.index("compress"):]),
         "settings": {"offload": a.offload, "max_memory": a.max_memory, "device": a.device, "dtype": a.dtype,
                      "calib_samples": a.calib_samples, "calib_seqlen": a.calib_seqlen, "ratio": a.ratio},
@@ -496,209 +486,105 @@ def _thin(seq: list, n: int) -> list:
 # Memory model
 
 MEMORY_MODEL = """\
-Derived from src/svdpress at 69c7a9f (calibrate.py, pipeline.py, factorize/whiten.py, factorize/kfac.py,
-model/runner.py, model/head.py, store.py, export.py). Anonymous memory above the process's baseline A0 (its
-RSS when `data` ends), bytes. Shapes: d hidden, f intermediate, q = heads·head_dim, h = kv_heads·head_dim, V vocab,
-L blocks; a layer is (m out, n in), k = min(m, n); b = execution dtype bytes, b_d = checkpoint dtype bytes; N = samples·seqlen
-calibration tokens, B = tokens per calibration batch (8 sequences), s = sequences per batch; R = 1024 (Gram rows per
-matmul); C = Σ over the block's input groups of 8n² = 8(2d² + q² + f²) for Llama (q/k/v, o, gate/up, down).
-  weights     w = b·P_blk if b ≠ b_d else 0 (same dtype on the CPU: the block's tensors are views of the mapped file)
-  calibrate   w + N·d·b (parked states) + 4·B·d·b + B·(q + 2h)·b (residual, norms, q/k/v)
-              + max(C − 8f² + 3·B·f·b (gate, up, act·up), C + B·f·b + 12·R·f (down's Gram rows, float32 + float64))
-  factorize   C (each group's X·Xᵀ is replaced by its Cholesky factor, written over a symmetrized copy) + N·d·b, plus
-              per layer the max of: 8mn (W, float64) + 8n² (the copy that becomes L, first layer of a group);
-              8mn + 8mn (W·L) + 8(mk + kn) (U, Vh) + 8(2mn + 2k²) (gesdd's copy of its input and workspace);
-              8mn + 8(mk + kn) + 1.41·8kn (solve_triangular's result and copy)
-  kfac        + per layer 8m² (damped copy → L_G; G itself is read back from the spectra folder: file-backed),
-              M = L_Gᵀ·W·L_C: 2·8mn, SVD of the m×n M, 1.41·8mk for S⁻ᵀU
-  gradients   w + N·d·b (states) + L·N·d·b (every block's saved input) + N·d·4 (∂L/∂h) + B·(4d + 2q + 2h + 4f)·4
-              (one block's autograd activations) + the block's G (Σ 8m²) and per-sequence Fisher (Σ 8mn: computed
-              for kfac too) + at the layer being added max(12·R·m, 8·s·mn + 12mn) (einsum per sequence, its square,
-              sum, .double()); or the loss over the vocabulary, 3·T·c·4 with c = min(V, 2^25/T), T = B − s
-  fermigrad   w + 4·T_f·c·4 (chunked head: logits, softmax, dz, top-k), T_f = batch_size·seqlen = 256 tokens;
-              the masks' U, V are views of the spectra files (file-backed)
-  build       w + Σ_block (m+n)·r·b (the new factors) + (m+n)·r·(8+4) at the largest layer (A, B float64 → float32)
-  export      matplotlib (ranks.png) + V·d·b per embedding/head if b ≠ b_d; shards are written from pointers
-File-backed (RssFile): every checkpoint page read stays mapped while TensorSource caches the file's handle (the
-whole run), so after calibration RssFile ≈ L·P_blk·b_d + the embedding rows looked up (+ the head, V·d·b_d, once a
-loss over the vocabulary ran; + the whole embedding at export). The kernel may reclaim these clean pages under
-memory pressure, so this is an upper bound.
-Not modelled: glibc's heap retention (its dynamic mmap threshold keeps freed blocks below 32 MiB in the heap):
-run with --malloc-mmap-threshold 131072 to measure live memory only.
+The code of src/svdpress as of this bench (CPU, --offload disk). Anonymous memory above the process's baseline A0
+(its RSS when `data` ends), bytes. Shapes: d hidden, f intermediate, V vocab, L blocks; a layer is (m out, n in),
+k = min(m, n); b = execution dtype bytes; N = samples·seqlen calibration tokens; B = tokens per pass, with
+sequences per pass = min(8, budget/16 ÷ (seqlen·Σ_blk(m+n)·b)) (Runner.batch_size); R = 1024 (Gram rows per matmul);
+C = Σ over the block's input groups of 8n² (q/k/v, o, gate/up, down: 8(3d² + f²) for Llama); P = params of a block.
+  weights     w = b·P (one block, read from the checkpoint)
+  calibrate   w + N·d·b (parked states) + C (the block's X·Xᵀ) + B·Σ_blk(m+n)·b (one pass) + 12·R·n_max (Gram rows)
+  factorize   layers widest input first; at each layer: the X·Xᵀ (or their factors) still held + [kfac: 8m², G read
+              back and factored in place] + 8mn (W float64, then W·L in place) + 8mn (gesdd's copy) + 8(mk + kn)
+              (U, Vh) + 24k² (gesdd's workspace) + 8·max(mk, kn) (the un-whitened factor)
+  gradients   w + L·N·d·b (each block's saved input) + N·d·4 (∂L/∂h) + 2·B·Σ_blk(m+n)·4 (one block's autograd)
+              + the largest pass's G (layers grouped under budget/4; a layer wider than that alone: 8m²)
+              + 12·R·m_max, or the loss over the vocabulary 3·T·c·4 (c = head chunk rows, T tokens of a pass)
+  fermigrad   w + 4·Σ_blk(m+n)·k (one block's masks: U, V in float32) + 4·T·c·4 (head chunk) + the teacher's
+              top-k cache (samples·seqlen·64·12)
+  build       w + b·Σ_blk(m+n)·r (the block's factors) + 12·(m+n)·r at its largest layer
+  export      64 MB (one slice of the embedding/head, streamed) + matplotlib (ranks.png)
+File-backed pages (RssFile) are at most one block's checkpoint tensors, b_d·P, or one 64 MB head slice: every file
+is opened per read and closed again.
+Not modelled: glibc's heap retention (svdpress trims the heap after each layer; the rest shows in the error).
 """
 
 
-# What the measured code did, read from src/ when a run starts: src/ changed while this bench was written, and
-# the prediction of a run follows the code it measured. (file, text, value of the feature when the text is found)
-FEATURES = {
-    "mapped_kept": ("model/weights.py", "self._handles", True),  # file handles (and their mappings) kept all run
-    "fisher_for_kfac": ("pipeline.py", "fac.needs_fisher", False),  # the m×n Fisher gathered for kfac too
-    "prev_block_kept": ("pipeline.py", "bs = inputs = None", False),  # last block's statistics alive meanwhile
-    "cholesky_copies": ("factorize/whiten.py", "cholesky_of", False),  # symmetrized copy + L, X·Xᵀ kept
-}
-OLD_CODE = {k: True for k in FEATURES}  # runs recorded before features were: the code before 3dcb3e1
+def _sequences(sp: Spec, s: dict) -> int:
+    """Runner.batch_size: sequences per pass under the budget."""
+    per_token = sum(m + n for _, m, n in sp.linears()) * DTYPE_BYTES[s["dtype"]]
+    fits = int(s.get("budget", 1.5 * GiB) // 16 // max(per_token * s["seqlen"], 1))
+    return max(1, min(8, s["samples"], fits))
 
 
-def code_features() -> dict[str, bool]:
-    out = {}
-    for key, (rel, text, when_found) in FEATURES.items():
-        try:
-            found = text in (ROOT / "src" / "svdpress" / rel).read_text()
-        except OSError:
-            found = not when_found
-        out[key] = when_found if found else not when_found
-    return out
-
-
-def features_of(run: dict) -> dict[str, bool]:
-    """The code features of a recorded run: recorded at its start, else read from its HEAD's committed files
-    (uncommitted changes it may have run with are unknown), else the old code."""
-    if "code" in run:
-        return run["code"]
-    head = (run.get("src") or {}).get("head")
-    if not head:
-        return dict(OLD_CODE)
-    out = {}
-    for key, (rel, text, when_found) in FEATURES.items():
-        try:
-            src = subprocess.run(["git", "show", f"{head}:src/svdpress/{rel}"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30).stdout
-        except Exception:
-            return dict(OLD_CODE)
-        out[key] = when_found if text in src else not when_found
-    return out
-
-
-def _stage_terms(sp: Spec, method: str, s: dict, base: dict, fixes: bool = False,
-                 feat: Optional[dict] = None) -> dict[str, dict[str, float]]:
-    """Predicted {stage: {"anon": bytes above A0, "file": bytes file-backed above F0}} for one run (MEMORY_MODEL),
-    for the code described by `feat` (default: the current src/). `fixes`: with the further changes proposed in
-    the README's Scale section."""
-    feat = code_features() if feat is None else feat
-    mapped_kept, fisher_kfac = feat["mapped_kept"], feat["fisher_for_kfac"]
-    prev_kept, copies = feat["prev_block_kept"], feat["cholesky_copies"]
+def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[str, float]]:
+    """Predicted {stage: {"anon": bytes above A0, "file": bytes file-backed above F0}} for one run (MEMORY_MODEL)."""
     fac, alloc = method.split("+")
-    d, f, q, h, V, L = sp.hidden, sp.intermediate, sp.q_dim, sp.kv_dim, sp.vocab, sp.layers
+    d, f, V, L = sp.hidden, sp.intermediate, sp.vocab, sp.layers
     b, bd = DTYPE_BYTES[s["dtype"]], DTYPE_BYTES[sp.disk]
+    budget = s.get("budget", 1.5 * GiB)
     N = s["samples"] * s["seqlen"]
-    nseq = min(8, s["samples"])  # CompressConfig.calib_batch_size = 8 sequences per batch
-    B = nseq * s["seqlen"]
-    R = 1024  # calibrate.ROWS
-    w = b * sp.block_params if b != bd else 0
+    B = _sequences(sp, s) * s["seqlen"]
+    R = 1024
     lin = sp.linears()
+    act = sum(m + n for _, m, n in lin)
+    w = b * sp.block_params
     groups = sp.input_groups()
-    group_of = {nm: gi for gi, (names, _) in enumerate(groups) for nm in names}
-    last_of = {gi: [nm for nm, _, _ in lin if group_of[nm] == gi][-1] for gi in range(len(groups))}
     C = sum(8 * n * n for _, n in groups)
-    out: dict[str, dict[str, float]] = {}
-
-    def chunk(T: int) -> int:  # model/head.py: Head.chunk (fixes: also at most 2^25 weights per chunk)
-        c = max(256, min(V, (1 << 25) // max(T, 1)))
-        return min(c, max(256, (1 << 25) // d)) if fixes else c
-
-    # file-backed pages: the tensors read from the checkpoint are views of its mapping
+    nmax = max(n for _, n in groups)
     blk_file = sp.block_params * bd
-    step = max(1024, (64 * MiB) // (d * 4))  # Runner._lookup's vocabulary chunk
-    if mapped_kept:  # every page read stays mapped: cumulative
-        blocks_file = L * blk_file
-        emb_file = min(V, -(-49152 // step) * step) * d * bd  # chunks holding the tokenizer's ids (< 49152)
-    else:  # only what is referenced: one block, one chunk of the embedding or head
-        blocks_file = blk_file
-        emb_file = step * d * bd
-    head_kept = 4 * V * d * bd <= s.get("budget", 1.5 * GiB)  # Runner.head keeps a small head (views, file-backed)
 
-    def head_file(T: int) -> float:  # the head rows mapped while a loss over T tokens runs
-        return V * d * bd if (mapped_kept or head_kept) else chunk(T) * d * bd
+    def chunk(T: int) -> int:  # model/head.py: Head.chunk
+        return max(256, min(V, (1 << 25) // max(T, 1), (1 << 24) // d))
 
-    touched = 0.0
-
+    out: dict[str, dict[str, float]] = {k: {"anon": 0.0, "file": 0.0} for k in ("load", "data")}
     if fac in ("kfac", "fwsvd"):
-        T = B - nseq
-        fisher = fac == "fwsvd" or (fisher_kfac and not fixes)
-        acc, peak = 0.0, 0.0
-        for _, m, n in reversed(lin):  # backward order: each layer's G (8m²) and Fisher (8mn) while it is added
-            own = 8 * m * m + (8 * m * n if fisher else 0)
-            trans = 12 * R * m
-            if fisher:
-                trans = max(trans, (8 * m * n if fixes else 8 * nseq * m * n) + 12 * m * n)
-            peak = max(peak, acc + own + trans)
-            acc += own
-        act = B * (4 * d + 2 * q + 2 * h + 4 * f) * 4
-        fixed = w + N * d * b + L * N * d * b + N * d * 4
-        touched = (blocks_file + head_file(T) + (0 if sp.tied else emb_file) if mapped_kept
-                   else max(blk_file, head_file(T), emb_file))  # now: the loss, then one block at a time
-        out["calibrate_gradients"] = {"anon": fixed + max(peak + act, 3 * T * chunk(T) * 4), "file": touched}
+        passes, used = [0.0], 0.0
+        for _, m, n in sorted(lin, key=lambda t: t[1]):  # calibrate._passes
+            g = 8 * m * m + (8 * m * n if fac == "fwsvd" else 0)
+            if passes[-1] and passes[-1] + g > budget // 4:
+                passes.append(0.0)
+            passes[-1] += g
+        T = B - B // s["seqlen"]
+        mmax = max(m for _, m, _ in lin)
+        out["calibrate_gradients"] = {
+            "anon": w + L * N * d * b + N * d * 4 + 2 * B * act * 4 + max(passes) + max(12 * R * mmax, 3 * T * chunk(T) * 4),
+            "file": blk_file}
+    out["calibrate"] = {"anon": w + N * d * b + C + B * act * b + 12 * R * nmax, "file": blk_file}
 
-    prev = (2 * C if copies else C) if prev_kept else 0  # the last block's X·Xᵀ (and factors) until next() returns
-    base_cal = w + N * d * b + 4 * B * d * b + B * (q + 2 * h) * b + prev
-    out["calibrate"] = {"anon": base_cal + max(C - 8 * f * f + 3 * B * f * b, C + B * f * b + 12 * R * f)}
-    touched = max(touched, blocks_file + emb_file) if mapped_kept else max(blk_file, emb_file)
-    out["calibrate"]["file"] = touched
-
-    peak, gfile, seen = 0.0, 0.0, set()
-    held = C  # now: X·Xᵀ or the factor written over its copy, per group; old code: X·Xᵀ and every factor so far
-    for name, m, n in lin:
-        k, W = min(m, n), 8 * m * n
-        hold = held + N * d * b
-        if group_of[name] not in seen:
-            chol = 16 * n * n if copies else 8 * n * n  # symmetrized copy (+ a separate L in the old code)
-            peak = max(peak, hold + W + chol)
-            seen.add(group_of[name])
-            if copies:
-                held += 8 * n * n
-                hold += 8 * n * n
-        svd = 8 * (m * k + k * n) + 8 * (2 * m * n + 2 * k * k)  # U, Vh + gesdd's copy and workspace
-        if fac == "kfac":
-            if copies:  # old: damped symmetrized copy, then a separate L_G
-                peak = max(peak, hold + W + 16 * m * m)
-            hold += 8 * m * m  # L_G (now: the damped copy, factored in place); G: file-backed
-            peak = max(peak, hold + W + 16 * m * n, hold + W + 8 * m * n + svd,
-                       hold + W + 8 * (m * k + k * n) + 1.41 * 8 * m * k)
-            gfile = max(gfile, 8 * m * m)
-        else:
-            peak = max(peak, hold + W + 8 * m * n + svd, hold + W + 8 * (m * k + k * n) + 1.41 * 8 * k * n)
-        if fixes and last_of[group_of[name]] == name:
+    group_of = {nm: gi for gi, (names, _) in enumerate(groups) for nm, *_ in lin if nm in names}
+    left = {gi: len(names) for gi, (names, _) in enumerate(groups)}
+    held, peak = C, 0.0
+    for name, m, n in sorted(lin, key=lambda t: -t[2]):  # pipeline.factorize_model: widest input first
+        k = min(m, n)
+        g = 8 * m * m if fac == "kfac" else 0
+        peak = max(peak, N * d * b + held + g + 16 * m * n + 8 * (m * k + k * n) + 24 * k * k + 8 * max(m, n) * k)
+        left[group_of[name]] -= 1
+        if not left[group_of[name]]:
             held -= 8 * n * n
-    wfile = 0 if mapped_kept else max(m * n for _, m, n in lin) * bd  # the layer's W read from the checkpoint
-    out["factorize"] = {"anon": peak, "file": touched + gfile + wfile}
+    out["factorize"] = {"anon": peak, "file": max(m * n for _, m, n in lin) * bd}
 
-    if alloc in ("fermigrad", "lems"):
-        T = 256  # fermigrad: batch_size 2 × seqlen 128; lems: probe batches of the same size
-        t_alloc = (max(touched, blocks_file + head_file(T) + (0 if sp.tied else emb_file)) if mapped_kept
-                   else max(blk_file, head_file(T)))
-        spectra_blk = sum((m + n) * min(m, n) * 4 for _, m, n in lin)  # masks' U, V: views of the spectra files
-        out["allocate"] = {"anon": w + 4 * T * chunk(T) * 4, "file": t_alloc + spectra_blk}
-        if mapped_kept:
-            touched = t_alloc
+    if alloc == "fermigrad":
+        T = 256  # batch_size 2 × seqlen 128 (METHOD_OPTS)
+        masks = 4 * sum((m + n) * min(m, n) for _, m, n in lin)
+        out["allocate"] = {"anon": w + masks + 4 * T * chunk(T) * 4 + 4 * 128 * 64 * 12,
+                           "file": max(blk_file, chunk(T) * d * bd)}
     else:
-        out["allocate"] = {"anon": 0.0, "file": touched if mapped_kept else 0.0}
-
-    r = {name: max(1, int(s["ratio"] * m * n / (m + n))) for name, m, n in lin}  # uniform's ranks
-    new = sum((m + n) * r[nm] * b for nm, m, n in lin)
-    biggest = max((m + n) * r[nm] * 12 for nm, m, n in lin)
-    last = lin[-1]
-    spec_layer = (last[1] + last[2]) * min(last[1:]) * 4  # one layer's U, V (views of its spectrum file)
-    out["build"] = {"anon": w + new + biggest,
-                    "file": (touched if mapped_kept else blk_file) + spec_layer}
-
-    extra = V * d * b if b != bd else 0  # one embedding/head converted at a time
-    emb_all = V * d * bd * (1 if sp.tied else 2)
-    out["export"] = {"anon": base.get("matplotlib", 0.0) + extra,
-                     "file": max(touched, blocks_file + emb_all) if mapped_kept else V * d * bd}
-    for k in ("load", "data"):
-        out[k] = {"anon": 0.0, "file": 0.0}
+        out["allocate"] = {"anon": 0.0, "file": 0.0}
+    r = {nm: max(1, int(s["ratio"] * m * n / (m + n))) for nm, m, n in lin}  # uniform's ranks
+    out["build"] = {"anon": w + sum((m + n) * r[nm] * b for nm, m, n in lin)
+                    + max((m + n) * r[nm] * 12 for nm, m, n in lin), "file": blk_file}
+    out["export"] = {"anon": 64 * MiB + base.get("matplotlib", 0.0), "file": 64 * MiB}
     return out
 
 
-def predict(sp: Spec, method: str, settings: dict, base: dict, fixes: bool = False,
-            feat: Optional[dict] = None) -> dict[str, dict[str, float]]:
-    """Per stage MB: anon (A0 + terms), file (F0 + terms; an upper bound), rss = anon + file."""
+def predict(sp: Spec, method: str, settings: dict, base: dict) -> dict[str, dict[str, float]]:
+    """Per stage MB: anon (A0 + terms), file (F0 + terms), rss = anon + file."""
     from svdpress.memory import parse_max_memory
 
     budget = parse_max_memory(settings.get("max_memory") or "cpu=1.5GiB").get("cpu", int(1.5 * GiB))
     s = {"dtype": settings.get("dtype", "float32"), "ratio": settings.get("ratio", 0.8),
          "samples": settings.get("calib_samples", 8), "seqlen": settings.get("calib_seqlen", 256), "budget": budget}
-    terms = _stage_terms(sp, method, s, base, fixes, feat)
+    terms = _stage_terms(sp, method, s, base)
     a0, f0 = base.get("anon_mb", 0.0), base.get("file_mb", 0.0)
     out = {}
     for stage, t in terms.items():
@@ -806,7 +692,7 @@ def model_tables(res: dict, markdown: bool) -> str:
         if r["rc"] != 0 or r["model"] not in MODELS or r["settings"].get("device", "cpu").startswith("cuda"):
             continue  # the formulas are the CPU placement's (on CUDA the statistics live on the GPU)
         sp = MODELS[r["model"]]
-        pred = predict(sp, r["method"], r["settings"], _base_of(r, mpl), feat=features_of(r))
+        pred = predict(sp, r["method"], r["settings"], _base_of(r, mpl))
         for s in STAGES[2:]:
             an = _stage_fig(r, s, "cpu_anon_peak_mb")
             fi = _stage_fig(r, s, "cpu_file_peak_mb")
@@ -848,7 +734,7 @@ def compact_tables(res: dict, markdown: bool) -> str:
                      "-" if tv is None else ("yes" if tv < TARGET_RSS / MiB else "**no**")])
         if r["rc"] != 0 or r["model"] not in MODELS or r["settings"].get("device", "cpu").startswith("cuda"):
             continue
-        pred = predict(MODELS[r["model"]], r["method"], r["settings"], _base_of(r, mpl), feat=features_of(r))
+        pred = predict(MODELS[r["model"]], r["method"], r["settings"], _base_of(r, mpl))
         stages = [s for s in short if _stage_fig(r, s, "cpu_anon_peak_mb") is not None]
         errs = sorted(abs(pred[s]["anon_mb"] - _stage_fig(r, s, "cpu_anon_peak_mb"))
                       / _stage_fig(r, s, "cpu_anon_peak_mb") * 100 for s in stages)
@@ -879,20 +765,15 @@ def extrapolation_table(res: dict, markdown: bool, dtype: str, methods: list[str
     for name, sp in PUBLISHED.items():
         for method in methods:
             pred = predict(sp, method, settings, base)
-            fixed = predict(sp, method, settings, base, fixes=True)
             stages = [s for s in STAGES[2:] if s in pred]
             worst = max(stages, key=lambda s: pred[s]["anon_mb"])
-            worst_fix = max(stages, key=lambda s: fixed[s]["anon_mb"])
             gib = lambda mb: round(mb / 1024, 1)  # noqa: E731
             rows.append([name, f"{sp.params / 1e9:.1f}B", f"{sp.params * DTYPE_BYTES[sp.disk] / 1e9:.0f}", method]
                         + [gib(pred[s]["anon_mb"]) if s in pred else None for s in STAGES[2:]]
                         + [f"{gib(pred[worst]['anon_mb'])} ({worst})",
-                           gib(max(p["file_mb"] for p in pred.values())),
-                           f"{gib(fixed[worst_fix]['anon_mb'])} ({worst_fix})",
-                           gib(max(p["rss_mb"] for p in fixed.values()))])
+                           gib(max(p["rss_mb"] for p in pred.values()))])
     head = (["model", "params", "GB on disk", "method"] + [f"{s} GiB" for s in STAGES[2:]]
-            + ["anon peak GiB (stage)", "+ file-backed GiB (upper)", "with fixes: anon peak GiB (stage)",
-               "with fixes: RSS GiB"])
+            + ["anon peak GiB (stage)", "RSS peak GiB"])
     note = (f"(predicted anonymous memory per stage at --offload disk, --dtype {dtype}, "
             f"{settings.get('calib_samples')}×{settings.get('calib_seqlen')} calibration tokens, ratio "
             f"{settings.get('ratio')}; baseline A0 = {base['anon_mb']:.0f} MB from {ref['model'] if ref else 'a guess'})")

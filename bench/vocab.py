@@ -53,6 +53,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 MiB = 2 ** 20
@@ -137,17 +138,7 @@ def build_model(arch: str, path: Path, seed: int = 0) -> dict:
 # One compression, measured from outside
 
 
-def _status(pid: int) -> Optional[dict[str, int]]:
-    try:
-        out = {}
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
-                    k, v = line.split(":", 1)
-                    out[k] = int(v.split()[0]) * 1024
-        return out
-    except OSError:
-        return None
+
 
 
 def _children(pid: int) -> list[int]:
@@ -251,7 +242,7 @@ def run_one(method: str, model_dir: Path, work: Path, logs: Path, a: argparse.Na
         child = None
         while proc.poll() is None:
             child = child or next(iter(_children(proc.pid)), None)
-            s = _status(child) if child else None
+            s = proc_status(child) if child else None
             if s:
                 for k in peak:
                     peak[k] = max(peak[k], s.get(k, 0))

@@ -69,6 +69,21 @@ def rss() -> int:
         return psutil.Process().memory_info().rss
 
 
+def proc_status(pid: int | str = "self") -> Optional[dict[str, int]]:
+    """VmRSS, RssAnon (what the process allocated) and RssFile (mapped file pages) of a process, bytes; None when
+    it is gone or this is not Linux (benches sample a child compression from outside with it)."""
+    try:
+        out = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0]) * 1024
+        return out
+    except OSError:
+        return None
+
+
 _PAGE: list[int] = []
 
 
