@@ -753,7 +753,8 @@ def compact_tables(res: dict, markdown: bool) -> str:
     return table(rows, head, markdown) + "\n\n" + table(val, vhead, markdown)
 
 
-def extrapolation_table(res: dict, markdown: bool, dtype: str, methods: list[str]) -> str:
+def extrapolation_table(res: dict, markdown: bool, dtype: str, methods: list[str], calib: Optional[str] = None,
+                        budget: Optional[str] = None) -> str:
     """Predicted peaks for published shapes at the runs' settings (CPU, --offload disk)."""
     runs = [r for r in res.get("runs", []) if r["rc"] == 0]
     mpl = res.get("matplotlib_mb", 0.0)
@@ -761,6 +762,10 @@ def extrapolation_table(res: dict, markdown: bool, dtype: str, methods: list[str
     base = _base_of(ref, mpl) if ref else {"anon_mb": 600.0, "file_mb": 0.0, "matplotlib": mpl * MiB}
     settings = dict(ref["settings"]) if ref else {"calib_samples": 8, "calib_seqlen": 256, "ratio": 0.8}
     settings["dtype"] = dtype
+    if calib:
+        settings["calib_samples"], settings["calib_seqlen"] = (int(x) for x in calib.lower().split("x"))
+    if budget:
+        settings["max_memory"] = budget
     rows = []
     for name, sp in PUBLISHED.items():
         for method in methods:
@@ -775,6 +780,7 @@ def extrapolation_table(res: dict, markdown: bool, dtype: str, methods: list[str
     head = (["model", "params", "GB on disk", "method"] + [f"{s} GiB" for s in STAGES[2:]]
             + ["anon peak GiB (stage)", "RSS peak GiB"])
     note = (f"(predicted anonymous memory per stage at --offload disk, --dtype {dtype}, "
+            f"--max-memory {settings.get('max_memory')}, "
             f"{settings.get('calib_samples')}×{settings.get('calib_seqlen')} calibration tokens, ratio "
             f"{settings.get('ratio')}; baseline A0 = {base['anon_mb']:.0f} MB from {ref['model'] if ref else 'a guess'})")
     return table(rows, head, markdown) + "\n" + note
@@ -820,6 +826,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--report", action="store_true", help="no runs: print the tables of --out")
     p.add_argument("--extrapolate", action="store_true", help="predict Llama-3-8B/70B/3.1-405B")
     p.add_argument("--extrapolate-dtype", default="bfloat16")
+    p.add_argument("--extrapolate-calib", default=None, metavar="SAMPLESxSEQLEN",
+                   help="calibration of the extrapolation (default: the runs'), e.g. 256x2048")
+    p.add_argument("--extrapolate-budget", default=None, metavar="MAX_MEMORY",
+                   help="--max-memory of the extrapolation (default: the runs'), e.g. cpu=64GiB")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--compact", action="store_true", help="one line per run (the README's tables)")
     p.add_argument("--fresh", action="store_true", help="start --out afresh instead of merging")
@@ -897,7 +907,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         order = a.methods.split(",") + ["kfac+lems"]
         methods = sorted(set(seen) or set(order), key=lambda m: order.index(m) if m in order else len(order))
         print()
-        print(extrapolation_table(res, a.markdown, a.extrapolate_dtype, methods))
+        print(extrapolation_table(res, a.markdown, a.extrapolate_dtype, methods, a.extrapolate_calib,
+                                  a.extrapolate_budget))
     res["memory_model"] = MEMORY_MODEL
     if not a.report:
         _save(a.out, res)

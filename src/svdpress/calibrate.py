@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .memory import trim
 from .model.head import nll_sum
 
 
@@ -225,6 +226,7 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
         for t in runner.arch.in_block(i):
             if t.name in acc.stats:
                 keep(t.name, {k: v.cpu() for k, v in acc.stats.pop(t.name).items()})
+        trim()  # the pass's autograd temporaries go back to the system, not into the next pass's peak
 
     bar = tqdm(total=len(runner.blocks), desc="gradients", unit="block", disable=not progress)
     with torch.enable_grad():

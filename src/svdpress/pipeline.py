@@ -168,6 +168,7 @@ def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool 
 
     for i in tqdm(range(len(runner.blocks)), desc="build", unit="block", disable=not progress):
         runner.rebuild_block(i, factor(i), write)
+        trim()
     return merge_reports(reports) if pivga else None
 
 
@@ -245,7 +246,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                             cfg.stats_cache, spectra, grads)
             grads.close()
             problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
-                                        samples, cfg.seed, cfg.progress)
+                                        samples, cfg.seed, cfg.progress, pivga=cfg.pivga)
             with stages("allocate"):
                 alloc = allocate(problem, cfg.allocate)
             del problem
