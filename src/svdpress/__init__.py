@@ -4,11 +4,12 @@ Public API:
     model, report = svdpress.compress("default", svdpress.CompressConfig(ratio=0.8))
     model = svdpress.load("out/smol80")
     results = svdpress.evaluate(model_or_dir, svdpress.EvalConfig(ppl=("wiki",)))
+    model, report = svdpress.heal("out/smol80", svdpress.HealConfig(steps=100, out="out/smol80-healed"))
 """
 
 __version__ = "0.1.0"
 
-from .config import CompressConfig, EvalConfig  # noqa: E402
+from .config import CompressConfig, EvalConfig, HealConfig  # noqa: E402
 from .errors import SvdpressError  # noqa: E402
 
 
@@ -42,4 +43,16 @@ def evaluate(model_or_path, config=None, tokenizer=None, device: str = "auto"):
     return evaluate_model(model_or_path, tokenizer, config, resolve_device(device))
 
 
-__all__ = ["CompressConfig", "EvalConfig", "SvdpressError", "compress", "load", "evaluate", "__version__"]
+from . import heal as _heal_module  # noqa: E402,F401  (loaded first: the function below keeps its name)
+
+
+def heal(model_or_dir, config=None, tokenizer=None, teacher=None, monitor=None, **overrides):
+    """Heal a compressed model (directory or loaded) by distillation from its dense original; see `svdpress.heal`
+    (the module). Returns (model, report)."""
+    from .heal import heal as _heal
+
+    return _heal(model_or_dir, config, tokenizer=tokenizer, teacher=teacher, monitor=monitor, **overrides)
+
+
+__all__ = ["CompressConfig", "EvalConfig", "HealConfig", "SvdpressError", "compress", "load", "evaluate", "heal",
+           "__version__"]

@@ -150,6 +150,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval", type=csv, default=(), help="evaluate after compressing: ppl[,ppl:c4][,piqa,...]")
+    p.add_argument("--heal", action="append", default=[], metavar="KEY=VALUE",
+                   help="heal right after compressing (repeatable; 'on' for the defaults; svdpress heal --help)")
     p.add_argument("--no-progress", action="store_true")
     add_eval_args(p)
 
@@ -185,6 +187,8 @@ def _compress(a: argparse.Namespace) -> int:
                          stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
+    if a.heal:
+        return _compress_and_heal(a, cfg)
     _, report = compress(None, cfg)
     print(summarize_compression(report))
     if a.out:
@@ -297,6 +301,90 @@ def _pivga(a: argparse.Namespace) -> int:
           f"{p['linear_dense']:,} (ratio {p['linear_ratio']:.4f})\nsaved to {a.out}")
     return 0
 # ---- end pivga -------------------------------------------------------------------------------------------------
+
+
+# ---- heal: distil the dense model into a compressed one's factors (issue 12) --------------------------------
+def heal_options(pairs: list[str]) -> dict[str, Any]:
+    """--heal KEY=VALUE pairs (or --opt for `svdpress heal`); a bare 'on' means the defaults."""
+    return parse_opts([p for p in pairs if p.strip().lower() not in ("on", "default", "defaults")])
+
+
+def _heal_args(p: argparse.ArgumentParser) -> None:
+    from .config import HealConfig
+
+    p.add_argument("source", help="an svdpress output directory (compressed, not PivGa)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--opt", "--heal", dest="opt", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"heal setting (repeatable): {', '.join(HealConfig.option_names())}")
+    p.add_argument("--eval", type=csv, default=(), help="evaluate the healed model: ppl[,ppl:c4][,piqa,...]")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    add_eval_args(p)
+
+
+def heal_config(a: argparse.Namespace, pairs: list[str], out: str):
+    from .config import HealConfig
+
+    ppl, tasks = split_eval(a.eval)
+    if a.json is not None:
+        check_json_path(a.json)
+    return HealConfig.from_options(heal_options(pairs), out=out, overwrite=a.overwrite, progress=not a.no_progress,
+                                   eval=eval_config(a, ppl, tasks) if a.eval else None).validate()
+
+
+@subcommand("heal", _heal_args)
+def _heal(a: argparse.Namespace) -> int:
+    from .heal import heal, summarize
+
+    cfg = heal_config(a, a.opt, a.out)
+    _, report = heal(a.source, cfg)
+    print(summarize(report))
+    print(f"\nsaved to {a.out}")
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, report)
+    return 0
+
+
+def _compress_and_heal(a: argparse.Namespace, cfg) -> int:
+    """compress → heal (→ pivga): each stage writes a temporary sibling of --out, removed at the end (Ctrl-C
+    included); only the last one is renamed into place. PivGa comes after healing (lossless, exactly r² smaller)."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from .export import check_out
+    from .heal import heal, summarize
+    from .pipeline import compress
+
+    if not a.out:
+        raise SvdpressError("--heal needs --out (the healed model is written there)")
+    out = Path(a.out)
+    check_out(out, a.overwrite)
+    hcfg = heal_config(a, a.heal, a.out)  # every heal setting checked before compressing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-heal-", dir=out.parent))
+    try:
+        ccfg = dataclasses.replace(cfg, out=str(tmp / "compressed"), overwrite=False, pivga=False, eval=None)
+        _, creport = compress(None, ccfg.validate())
+        print(summarize_compression(creport))
+        hcfg.out = str(tmp / "healed") if cfg.pivga else a.out
+        _, report = heal(str(tmp / "compressed"), hcfg)
+        print(summarize(report))
+        if cfg.pivga:
+            from .pivga import convert_directory
+
+            report = convert_directory(str(tmp / "healed"), a.out, overwrite=a.overwrite, progress=cfg.progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nsaved to {a.out}")
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, report)
+    return 0
+# ---- end heal ------------------------------------------------------------------------------------------------
 
 
 # ---- report (zero-shot / comparison capability) ------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -111,6 +114,124 @@ class CompressConfig:
 
         return Placement(device=device, offload=self.offload, max_memory=parse_max_memory(self.max_memory),
                          dtype=torch_dtype(self.dtype), offload_dir=self.offload_dir).check()
+
+
+# ---- heal (issue 12) ------------------------------------------------------------------------------------------
+HEAL_MODES = ("factors", "lora")
+HEAL_LR = {"factors": 5e-5, "lora": 5e-4}  # AdamW's peak lr by mode (measured on the default model @0.8)
+
+
+@dataclass
+class HealConfig:
+    """Healing settings; `--heal KEY=VALUE` (compress) or `--opt KEY=VALUE` (heal) sets any of the option fields.
+
+    Defaults are sized for the default model on 2 CPU cores (about 5 s a step of 4×256 tokens, 7-8 minutes in all);
+    on a GPU raise `steps`, `samples` and `batch_size`."""
+
+    mode: str = "factors"  # factors | lora
+    norms: bool = False  # also train norms and biases
+    steps: int = 60  # optimizer steps (at most; early stopping and time_limit may end sooner)
+    lr: Optional[float] = None  # AdamW peak learning rate; None: 5e-5 for factors, 5e-4 for lora
+    lr_final: float = 0.1  # cosine decay to lr·lr_final
+    warmup: int = 5  # linear warmup steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
+    batch_size: int = 4  # windows per step
+    seqlen: int = 256  # tokens per window
+    samples: int = 256  # training windows (at most: as many as the texts' calibration halves hold)
+    val_samples: int = 16  # validation windows, from the end of each calibration half
+    val_fraction: float = 0.1  # share of each calibration half held out for validation
+    calib: str = "wiki"  # texts or files, comma-separated (mixed); first halves only
+    top_k: int = 64  # teacher log-probs cached per token
+    nll_weight: float = 0.0  # weight of the next-token loss mixed into the KL
+    eval_every: int = 20  # steps between validation KL measurements
+    patience: int = 5  # evaluations without improvement before stopping (0 = never stop early)
+    time_limit: float = 0.0  # seconds of training at most (0 = no limit)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    checkpointing: Optional[bool] = None  # recompute each block in the backward (None: on CUDA only)
+    bf16: bool = True  # bf16 autocast on CUDA (CPU runs float32)
+    seed: int = 0
+    device: str = "auto"
+    teacher: Optional[str] = None  # the dense model (default: the compressed directory's model source)
+    # not options: what to do with the result
+    out: Optional[str] = None
+    overwrite: bool = False
+    progress: bool = True
+    eval: Optional["EvalConfig"] = None  # evaluate the healed model before it is saved
+    cache_dir: Optional[str] = None  # parent of a teacher cache that goes to disk (default: the system's temp)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in HEAL_NOT_OPTIONS]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], **settings: Any) -> "HealConfig":
+        """Options from KEY=VALUE pairs: an unknown key or a value of the wrong type names the valid ones."""
+        from .allocate.common import coerce
+
+        names = cls.option_names()
+        unknown = sorted(k for k in options if k not in names)
+        if unknown:
+            raise SvdpressError(f"unknown heal option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for k, v in options.items():
+            try:
+                kw[k] = coerce(hints[k], v)
+            except (TypeError, ValueError):
+                tp = next((t for t in typing.get_args(hints[k]) if t is not type(None)), hints[k])  # Optional[X]: X
+                name = getattr(tp, "__name__", str(tp))
+                raise SvdpressError(f"heal option {k}={v!r} is not a valid {name}") from None
+        return cls(**kw, **settings)
+
+    def validate(self) -> "HealConfig":
+        """Every setting checked before any model is loaded; returns self."""
+        from .data import resolve_text
+
+        if self.mode not in HEAL_MODES:
+            raise SvdpressError(f"heal mode {self.mode!r} is unknown; choose one of {', '.join(HEAL_MODES)}")
+        for name in ("steps", "batch_size", "seqlen", "samples", "val_samples", "top_k", "eval_every",
+                     "lora_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SvdpressError(f"heal option {name} must be a whole number ≥ 1, got {v!r}")
+        if self.seqlen < 2:
+            raise SvdpressError("heal option seqlen must be ≥ 2")
+        for name in ("warmup", "patience", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SvdpressError(f"heal option {name} must be a whole number ≥ 0, got {v!r}")
+        if self.lr is None:
+            self.lr = HEAL_LR[self.mode]
+        for name in ("lr", "lr_final", "weight_decay", "grad_clip", "nll_weight", "time_limit", "lora_alpha",
+                     "lora_dropout", "val_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise SvdpressError(f"heal option {name} must be a finite number ≥ 0, got {v!r}")
+        if self.lr <= 0 or not 0 < self.lr_final <= 1:
+            raise SvdpressError("heal needs lr > 0 and 0 < lr_final ≤ 1")
+        if not 0 < self.val_fraction < 1 or self.lora_dropout >= 1:
+            raise SvdpressError("heal needs 0 < val_fraction < 1 and lora_dropout < 1")
+        resolve_device(self.device)
+        if not self.texts():
+            raise SvdpressError("heal option calib names no text")
+        for name in self.texts():
+            resolve_text(name)
+        if self.eval is not None:
+            self.eval.validate()
+        return self
+
+    def texts(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.calib.split(",") if t.strip())
+
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.option_names()}
+
+
+HEAL_NOT_OPTIONS = ("out", "overwrite", "progress", "eval", "cache_dir")
+# ---- end heal --------------------------------------------------------------------------------------------------
 
 
 def torch_dtype(name: str) -> torch.dtype:
