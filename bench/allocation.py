@@ -11,6 +11,8 @@ measurements cost: `search_s` includes them, `wall_s` is what this run spent).
 
 Writes bench/results/allocation.json (after every run) and allocation.png (ppl vs ratio). The table says, per
 ratio, whether every method's achieved parameter count is within ±0.5% of the others (a fair comparison).
+`--pivga` allocates under PivGa counting r·(m+n) − r² and builds the models gauge-fixed (`compress --pivga`);
+bench/pivga_budget.py compares that with PivGa applied after a classical allocation, at equal size.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=8192, help="evaluation tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--pivga", action="store_true", help="budget counted as PivGa stores it; models gauge-fixed")
     p.add_argument("--spectra-cache", default=None, help="file to save/load the spectra (skips calibration)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
     p.add_argument("--no-progress", action="store_true")
@@ -128,22 +131,23 @@ def main(argv=None) -> int:
                            "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
                            "eval": f"wiki second half, {a.limit} tokens, seqlen {a.seqlen}",
                            "factorize_s": round(factor_s, 1), "rank_multiple": a.rank_multiple, "options": opts,
-                           "results": []}
+                           "budget_counting": "pivga" if a.pivga else "classical", "results": []}
     if not a.no_dense:
         doc["dense_ppl"] = evaluate_model(runner, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
     cache: dict = {}  # sensitivities shared by all methods and ratios
     for ratio in ratios:
         for m in methods:
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
-                                        samples, 0, progress, cache)
+                                        samples, 0, progress, cache, pivga=a.pivga)
             t = time.perf_counter()
             alloc = allocate(problem, m)
             wall = time.perf_counter() - t
-            build(runner, spectra, alloc.ranks, progress=False)
+            build(runner, spectra, alloc.ranks, pivga=a.pivga, progress=False)
             ppl = evaluate_model(runner, tok, ev, device, progress)["ppl"]["wiki"]["ppl"]
             for name, layer in originals.items():
                 set_module(model, name, layer)
-            row = {"method": m, "ratio": ratio, "achieved": count_params(shapes, alloc.ranks) / dense_count(shapes),
+            achieved = count_params(shapes, alloc.ranks, a.pivga) / dense_count(shapes)
+            row = {"method": m, "ratio": ratio, "achieved": achieved,
                    "ppl": ppl, "search_s": float(alloc.info.get("search_s", wall)), "wall_s": round(wall, 2),
                    "info": alloc.info, "ranks": alloc.ranks}
             doc["results"].append(row)

@@ -3,6 +3,11 @@
 Every allocator takes an `AllocationProblem` and returns an `Allocation` ({layer: rank or None = dense}, plus
 what it wants recorded). Methods register by name: `ALLOCATORS["uniform"]`. The budget is checked here, once,
 with the same counting function that reports use.
+
+The problem carries the counting its budget is met under (`pivga`: classical r·(m+n), or PivGa's r·(m+n) − r²,
+whose identity block is free). Allocators price ranks, find break-even points and turn kept fractions into ranks
+only through `problem.counting`, so every method spends a PivGa budget on rank without knowing it does; the
+allocation records which counting was used (`budget_counting`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
-from ..params import LayerShape, count_params, dense_count, is_dense
+from ..params import Counting, LayerShape, dense_count
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -35,6 +40,13 @@ class AllocationProblem:
     # measurements reusable across methods and ratios on the same model, spectra and samples (layer
     # sensitivities): pass one dict to several problems to share them (bench/allocation.py does)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # count parameters as PivGa stores them (r·(m+n) − r²): every rank below min(m, n) is a factored candidate
+    pivga: bool = False
+
+    @property
+    def counting(self) -> Counting:
+        """The parameter counting the budget is met under (see `svdpress.params`)."""
+        return Counting(self.pivga)
 
     @property
     def device(self) -> torch.device:
@@ -86,22 +98,36 @@ def round_down(r: float, multiple: int) -> int:
     return int(r // multiple * multiple)
 
 
-def normalize(shapes: Mapping[str, LayerShape], ranks: Mapping[str, Optional[int]]) -> dict[str, Optional[int]]:
-    """Ranks at or past break-even become None (dense); every target layer gets an entry."""
-    out: dict[str, Optional[int]] = {}
+class Ranks(dict):
+    """{layer: rank or None = dense}, remembering the counting it was allocated under, so that whatever records
+    the ranks (ranks.json) prices them as the budget did."""
+
+    def __init__(self, ranks: Mapping[str, Optional[int]] = (), counting: Counting = Counting()) -> None:
+        super().__init__(ranks)
+        self.counting = counting
+
+
+def normalize(shapes: Mapping[str, LayerShape], ranks: Mapping[str, Optional[int]],
+              counting: Counting = Counting()) -> Ranks:
+    """Ranks at or past the counting's break-even become None (dense); every target layer gets an entry."""
+    out = Ranks(counting=counting)
     for name, s in shapes.items():
         r = ranks.get(name)
-        out[name] = None if is_dense(s, r) else max(1, int(r))
+        out[name] = None if counting.is_dense(s, r) else max(1, int(r))
     return out
 
 
 def allocate(problem: AllocationProblem, method: str) -> Allocation:
-    """Run an allocator and check that it met the budget (never above it)."""
+    """Run an allocator and check that it met the budget (never above it) under the problem's counting, which the
+    allocation's record names (`budget_counting`: classical | pivga)."""
     result = ALLOCATORS[method](problem)
-    result.ranks = normalize(problem.shapes, result.ranks)
-    kept = count_params(problem.shapes, result.ranks)
+    counting = problem.counting
+    result.ranks = normalize(problem.shapes, result.ranks, counting)
+    kept = counting.total(problem.shapes, result.ranks)
     if kept > problem.target and problem.ratio < 1:
-        raise RuntimeError(f"allocator {method!r} exceeded the budget: {kept} > {problem.target} parameters")
+        raise RuntimeError(f"allocator {method!r} exceeded the budget under {counting.describe()}: "
+                           f"{kept} > {problem.target} parameters")
+    result.info = {"budget_counting": counting.name, **result.info}
     return result
 
 

@@ -1,6 +1,7 @@
 """ASVD's sensitivity-threshold allocation (Yuan et al., 2023): one global threshold on measured sensitivity.
 
-Every layer is truncated alone to each candidate kept fraction f (default 0.4 … 0.9 of its parameters) and
+Every layer is truncated alone to each candidate kept fraction f (default 0.4 … 0.9 of its parameters, under the
+problem's counting: with PivGa these are higher ranks) and
 the loss change is measured (dnll = Δ log-perplexity on calibration text, the order of ASVD's perplexity).
 All (layer, f, loss) triples are sorted by loss; a binary search finds the largest threshold such that
 applying every triple below it (each layer at the smallest f it was allowed) meets the ratio. The rest of
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..params import count_params
 from . import Allocation, AllocationProblem, allocator
 from .common import fill_config, fit_budget, rank_at, step_of
 from .sensitivity import layer_sensitivity, probe_config
@@ -39,7 +39,7 @@ def _apply(p: AllocationProblem, triples: list[tuple[str, float, float]], step: 
     frac: dict[str, float] = {}
     for name, f, _ in triples:
         frac[name] = min(frac.get(name, 1.0), f)
-    return {name: rank_at(s, frac.get(name, 1.0), step) for name, s in p.shapes.items()}
+    return {name: rank_at(s, frac.get(name, 1.0), step, p.counting) for name, s in p.shapes.items()}
 
 
 @allocator("asvd-threshold", options=AsvdThresholdConfig)
@@ -54,7 +54,7 @@ def asvd_threshold(p: AllocationProblem) -> Allocation:
     lo, hi, best = 0, len(triples) - 1, 0
     while lo <= hi:  # largest start index whose tail (the least harmful triples) still meets the ratio
         mid = (lo + hi) // 2
-        if count_params(p.shapes, _apply(p, triples[mid:], step)) <= p.target:
+        if p.counting.total(p.shapes, _apply(p, triples[mid:], step)) <= p.target:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1

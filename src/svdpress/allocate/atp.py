@@ -4,7 +4,8 @@ Block b keeps c_b = c + β·(1/2 − b/(L−1)) of its parameters (c = the targe
 travel through the whole network, keep more. β is chosen on a grid of `beta_steps`+1 values in
 [0, 2·min(c, 1−c)] by the measured loss (dnll, as the LEMS repository's port uses perplexity) of the whole
 truncated model on calibration text; each candidate is first fitted to the budget (to within one rank step,
-deeper layers trimmed first) so the candidates compare at equal size.
+deeper layers trimmed first) so the candidates compare at equal size. Fractions become ranks, and parameters are
+counted, under the problem's counting (classical or PivGa).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def atp_ranks(p: AllocationProblem, beta: float, step: int) -> dict:
     """c_b = c + β·(1/2 − b/(L−1)) per block, as ranks fitted to the budget."""
     blocks, nblocks = block_index(p)
     last = max(nblocks - 1, 1)
-    ranks = {n: rank_at(s, p.ratio + beta * (0.5 - blocks[n] / last), step) for n, s in p.shapes.items()}
+    ranks = {n: rank_at(s, p.ratio + beta * (0.5 - blocks[n] / last), step, p.counting)
+             for n, s in p.shapes.items()}
     return fit_budget(p, ranks, step, priority=lambda n: -blocks[n])
 
 

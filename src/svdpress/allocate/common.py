@@ -5,6 +5,10 @@ Search methods (ASVD's threshold, MRCS's greedy, ATP's schedule, SVD-LLM v2's fo
 sit somewhat under (or, after rounding, over) the budget. Comparing them at "the same ratio" is only fair
 when each spends the same parameters, so each one ends with `fit_budget`, which moves single rank steps
 (in the method's own priority order) until no further step fits.
+
+Every helper prices ranks with the problem's counting (`AllocationProblem.counting`, classical or PivGa), or with
+the `counting` it is given: under PivGa the break-even rank is min(m, n), so the same steps reach ranks a classical
+budget would have stored dense.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import typing
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from ..errors import SvdpressError
-from ..params import LayerShape, count_params, is_dense, layer_params
+from ..params import CLASSICAL, Counting, LayerShape
 from . import AllocationProblem
 
 C = TypeVar("C")
@@ -108,30 +112,33 @@ def step_of(problem: AllocationProblem, override: Optional[int] = None) -> int:
     return step
 
 
-def candidate_ranks(shape: LayerShape, step: int, min_fraction: float = 0.0) -> list[int]:
-    """Ranks k·step with min_fraction·r_be ≤ r < r_be (r_be = break-even rank); dense is the extra choice."""
-    lo = max(step, -(-int(min_fraction * shape.break_even) // step) * step)
-    return list(range(lo, shape.break_even, step))
+def candidate_ranks(shape: LayerShape, step: int, min_fraction: float = 0.0,
+                    counting: Counting = CLASSICAL) -> list[int]:
+    """Ranks k·step with r(min_fraction) ≤ r < r_be (r_be = the counting's break-even rank, r(f) the rank keeping
+    f of the layer's weights); dense is the extra choice."""
+    lo = max(step, -(-int(counting.rank_of_fraction(shape, min_fraction)) // step) * step)
+    return list(range(lo, counting.break_even(shape), step))
 
 
-def rank_at(shape: LayerShape, fraction: float, step: int = 1) -> Optional[int]:
-    """Rank keeping `fraction` of the layer's parameters, r = ⌊f · r_be⌋ (to the step); None when dense."""
+def rank_at(shape: LayerShape, fraction: float, step: int = 1, counting: Counting = CLASSICAL) -> Optional[int]:
+    """Rank keeping `fraction` of the layer's parameters under `counting` (classically ⌊f · r_be⌋), to the step;
+    None when dense."""
     if fraction >= 1:
         return None
-    r = max(step, int(fraction * shape.break_even) // step * step)
-    return None if is_dense(shape, r) else r
+    r = max(step, int(counting.rank_of_fraction(shape, fraction)) // step * step)
+    return None if counting.is_dense(shape, r) else r
 
 
-def _up(shape: LayerShape, r: Optional[int], step: int) -> Optional[int]:
+def _up(shape: LayerShape, r: Optional[int], step: int, counting: Counting) -> Optional[int]:
     if r is None:
         return None
     nxt = r + step
-    return None if is_dense(shape, nxt) else nxt
+    return None if counting.is_dense(shape, nxt) else nxt
 
 
-def _down(shape: LayerShape, r: Optional[int], step: int) -> Optional[int]:
+def _down(shape: LayerShape, r: Optional[int], step: int, counting: Counting) -> Optional[int]:
     if r is None:  # dense → the largest rank on the grid below break-even
-        top = (shape.break_even - 1) // step * step
+        top = (counting.break_even(shape) - 1) // step * step
         return top if top >= step else None
     return r - step if r - step >= step else None
 
@@ -139,18 +146,19 @@ def _down(shape: LayerShape, r: Optional[int], step: int) -> Optional[int]:
 def fit_budget(problem: AllocationProblem, ranks: dict[str, Optional[int]], step: int,
                priority: Callable[[str], float]) -> dict[str, Optional[int]]:
     """Trim (lowest priority first) until under the budget, then fill (highest priority first, round-robin)
-    until no single rank step fits: the result is at most one step of one layer under the target."""
-    shapes, target = problem.shapes, problem.target
+    until no single rank step fits: the result is at most one step of one layer under the target. Parameters
+    are counted under the problem's counting."""
+    shapes, target, counting = problem.shapes, problem.target, problem.counting
     ranks = dict(ranks)
-    kept = count_params(shapes, ranks)
+    kept = counting.total(shapes, ranks)
     order = sorted(shapes, key=priority)  # ascending: least important first
     while kept > target:
         moved = False
         for name in order:
-            r = _down(shapes[name], ranks[name], step)
+            r = _down(shapes[name], ranks[name], step, counting)
             if r is None:  # already at the smallest rank
                 continue
-            kept += layer_params(shapes[name], r) - layer_params(shapes[name], ranks[name])
+            kept += counting.layer(shapes[name], r) - counting.layer(shapes[name], ranks[name])
             ranks[name], moved = r, True
             if kept <= target:
                 break
@@ -162,15 +170,16 @@ def fit_budget(problem: AllocationProblem, ranks: dict[str, Optional[int]], step
         for name in reversed(order):
             if ranks[name] is None:
                 continue
-            r = _up(shapes[name], ranks[name], step)
-            extra = layer_params(shapes[name], r) - layer_params(shapes[name], ranks[name])
+            r = _up(shapes[name], ranks[name], step, counting)
+            extra = counting.layer(shapes[name], r) - counting.layer(shapes[name], ranks[name])
             if kept + extra <= target:
                 ranks[name], kept, moved = r, kept + extra, True
     return ranks
 
 
 def slack_ok(problem: AllocationProblem, ranks: Mapping[str, Optional[int]], step: int) -> bool:
-    """Under the budget by less than one rank step of the largest layer (what `fit_budget` guarantees)."""
-    kept = count_params(problem.shapes, ranks)
+    """Under the budget by less than one rank step of the largest layer (what `fit_budget` guarantees); a step
+    costs at most step·(m+n) under either counting."""
+    kept = problem.counting.total(problem.shapes, ranks)
     one_step = max(step * (s.m + s.n) for s in problem.shapes.values())
     return kept <= problem.target and problem.target - kept < one_step

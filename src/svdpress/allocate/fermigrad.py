@@ -21,6 +21,12 @@ the smooth count therefore over-prices a layer; the hard cut then stores such a 
 factors) and the budget it frees is refilled greedily. As T → 0 the smooth count equals the hard count for every
 rank below break-even (tests check both).
 
+Under PivGa counting (`AllocationProblem.pivga`) the same formula of `svdpress.params` gives
+N_params(μ) = Σ_l (Σ_j F_j)·(m_l + n_l) − (Σ_j F_j)²: the identity block of the gauge-fixed factors is free, the
+break-even rank is min(m, n), where this count meets m·n exactly, so nothing is over-priced. Its slope in the
+soft rank, (m+n) − 2·Σ_j F_j, is |m − n| at full rank (0 for a square layer), so the default start at the
+uniform allocation's ranks (`init="uniform"`) is the one that feels the budget from the first step.
+
 The model runs through its runner (`svdpress.model`), so FermiGrad works whatever the placement: the windows are
 embedded once, the teacher's top-k is cached from one pass through the dense blocks, and every step back-propagates
 the KL block by block (`Runner.backward`) with the target layers replaced by FermiLinear masks sharing θ while their
@@ -50,7 +56,7 @@ from tqdm.auto import tqdm
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
 from ..model.head import Head, gather_lse, topk_logprobs
-from ..params import LayerShape, count_params, dense_count, layer_params
+from ..params import CLASSICAL, Counting, LayerShape, dense_count
 from . import Allocation, AllocationProblem, allocator
 from .common import fill_config
 
@@ -118,9 +124,12 @@ def smooth_rank(mu: torch.Tensor, full_rank: int, temperature: float) -> torch.T
     return fermi(mu, full_rank, full_rank, temperature).sum()
 
 
-def smooth_params(mu: torch.Tensor, shape: LayerShape, temperature: float) -> torch.Tensor:
-    """(m + n)·Σ_j F_j(μ) + bias: the factored count r·(m+n) at the soft rank, not capped at break-even."""
-    return (shape.m + shape.n) * smooth_rank(mu, shape.full_rank, temperature) + (shape.m if shape.bias else 0)
+def smooth_params(mu: torch.Tensor, shape: LayerShape, temperature: float,
+                  counting: Counting = CLASSICAL) -> torch.Tensor:
+    """The factored count of `svdpress.params` at the soft rank ρ = Σ_j F_j(μ), plus the bias: (m + n)·ρ, or
+    (m + n)·ρ − ρ² under PivGa counting; not capped at break-even."""
+    rho = smooth_rank(mu, shape.full_rank, temperature)
+    return counting.factored(shape, rho) + (shape.m if shape.bias else 0)
 
 
 def mu_max(full_rank: int, temperature: float, cutoff: float) -> float:
@@ -280,8 +289,8 @@ def box(problem: AllocationProblem, cfg: FermiGradConfig, device) -> tuple[torch
 
 
 def total_smooth_params(theta: torch.Tensor, scales: torch.Tensor, shapes: list[LayerShape],
-                        temperature: float) -> torch.Tensor:
-    return sum(smooth_params(theta[i] * float(scales[i]), s, temperature) for i, s in enumerate(shapes))
+                        temperature: float, counting: Counting = CLASSICAL) -> torch.Tensor:
+    return sum(smooth_params(theta[i] * float(scales[i]), s, temperature, counting) for i, s in enumerate(shapes))
 
 
 @torch.no_grad()
@@ -349,7 +358,7 @@ def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig
         kl = runner.backward([states[order[step]]], loss_fn, overrides=masks.overrides())
         g_kl = theta.grad.detach().clone() if theta.grad is not None else torch.zeros_like(theta)
         theta.grad = None
-        count = total_smooth_params(theta, scales, shapes, cfg.temperature)
+        count = total_smooth_params(theta, scales, shapes, cfg.temperature, problem.counting)
         x = (count - target) / target
         penalty = rho * x ** 2  # ρ·((N(μ) − N_t)/N_t)²
         (g_pen,) = torch.autograd.grad(penalty, theta)
@@ -377,11 +386,13 @@ def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig
 
 
 class RankLadder:
-    """The ranks one layer may take, r_min, r_min+step, …, below break-even, then dense (stored as N).
-    Value V(r) = −w·Σ_{j≥r} S_j²: the estimated KL cost of truncating at r (0 when dense)."""
+    """The ranks one layer may take, r_min, r_min+step, …, below break-even (under `counting`), then dense (stored
+    as N). Value V(r) = −w·Σ_{j≥r} S_j²: the estimated KL cost of truncating at r (0 when dense)."""
 
-    def __init__(self, shape: LayerShape, spec: LayerSpectrum, weight: float, r_min: int, step: int) -> None:
-        self.shape, self.step = shape, step
+    def __init__(self, shape: LayerShape, spec: LayerSpectrum, weight: float, r_min: int, step: int,
+                 counting: Counting = CLASSICAL) -> None:
+        self.shape, self.step, self.counting = shape, step, counting
+        self.break_even = counting.break_even(shape)
         self.top = shape.full_rank
         self.low = min(max(step, -(-r_min // step) * step), self.last_factored())
         energy = spec.S.double() ** 2
@@ -391,11 +402,11 @@ class RankLadder:
 
     def last_factored(self) -> int:
         """Largest rank (multiple of step) below break-even."""
-        return max(self.step, (self.shape.break_even - 1) // self.step * self.step)
+        return max(self.step, (self.break_even - 1) // self.step * self.step)
 
     def snap(self, mu: float) -> int:
         r = int(round(mu / self.step)) * self.step
-        return self.top if r >= self.shape.break_even else max(self.low, min(r, self.last_factored()))
+        return self.top if r >= self.break_even else max(self.low, min(r, self.last_factored()))
 
     def down(self, r: int) -> Optional[int]:
         nxt = self.last_factored() if r == self.top else r - self.step
@@ -405,10 +416,10 @@ class RankLadder:
         if r == self.top:
             return None
         nxt = r + self.step
-        return self.top if nxt >= self.shape.break_even else nxt
+        return self.top if nxt >= self.break_even else nxt
 
     def cost(self, r: int) -> int:
-        return layer_params(self.shape, r)
+        return self.counting.layer(self.shape, r)
 
     def value(self, r: int) -> float:
         return 0.0 if r == self.top else -self.w * self.tail[min(r, len(self.tail) - 1)]
@@ -426,7 +437,7 @@ def hard_ranks(problem: AllocationProblem, mu: Mapping[str, float], dkl_dmu: Map
         r0 = min(max(1, int(round(mu[name]))), shape.full_rank)
         ref = float(S[min(r0, len(S) - 1)] ** 2) or 1e-30
         w = max(-dkl_dmu[name], 1e-12) / ref  # KL per unit of S² at the cut: −∂KL/∂μ / S_r²
-        ladders[name] = RankLadder(shape, spec, w, r_min, step)
+        ladders[name] = RankLadder(shape, spec, w, r_min, step, problem.counting)
     ranks = {n: lad.snap(mu[n]) for n, lad in ladders.items()}
     total = sum(lad.cost(ranks[n]) for n, lad in ladders.items())
     moves = {"trimmed": 0, "filled": 0}
@@ -493,7 +504,8 @@ def fermigrad(problem: AllocationProblem) -> Allocation:
     t0 = time.perf_counter()
     run = train(problem, cfg)
     ranks, moves = hard_ranks(problem, run["mu"], run["dkl_dmu"], cfg.r_min)
-    rounded = {n: _round_rank(run["mu"][n], s) for n, s in problem.shapes.items()}
+    counting = problem.counting
+    rounded = {n: _round_rank(run["mu"][n], s, counting) for n, s in problem.shapes.items()}
     final = {n: (None if r >= problem.shapes[n].full_rank else r) for n, r in ranks.items()}
     info: dict[str, Any] = {
         "config": asdict(cfg),
@@ -504,7 +516,7 @@ def fermigrad(problem: AllocationProblem) -> Allocation:
         "rho": {"start": cfg.rho_start, "growth": cfg.rho_growth, "final": run["rho_final"],
                 "schedule": "rho_t = rho_start * rho_growth^t; penalty rho*((N(mu)-N_target)/N_target)^2"},
         "smooth_ratio_final": run["history"][-1]["ratio"],
-        "rounded_ratio": count_params(problem.shapes, rounded) / dense_count(problem.shapes),
+        "rounded_ratio": counting.total(problem.shapes, rounded) / dense_count(problem.shapes),
         "adjust_moves": moves,
         "mu": {n: round(v, 3) for n, v in run["mu"].items()},
         "history": run["history"][::max(1, cfg.steps // 50)],
@@ -514,10 +526,10 @@ def fermigrad(problem: AllocationProblem) -> Allocation:
     return Allocation(final, info)
 
 
-def _round_rank(mu: float, shape: LayerShape) -> Optional[int]:
+def _round_rank(mu: float, shape: LayerShape, counting: Counting) -> Optional[int]:
     """round(μ) before the budget is adjusted (None = dense), for the record."""
     r = int(round(mu))
-    return None if r >= shape.break_even else max(1, r)
+    return None if counting.is_dense(shape, r) else max(1, r)
 
 
 def _hard_kls(problem: AllocationProblem, cfg: FermiGradConfig, run: dict, final: dict) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """LEMS (Thoma et al., ICML 2026): a layer-wise error model solved as an integer linear program.
 
-For layer l in block b and candidate rank r (multiples of the rank step, min_fraction·r_be ≤ r < r_be) the
-surrogate error is
+For layer l in block b and candidate rank r (multiples of the rank step, r(min_fraction) ≤ r < r_be, with r(f)
+the rank keeping f of the layer's weights and r_be the break-even rank, both under the problem's counting: with
+PivGa every rank below min(m, n) is a candidate) the surrogate error is
 
     e_l(r) = d(b) · G_l · T_l(r) / T_l(r_p)          with T_l(r) = Σ_{j≥r} S_j² / Σ_j S_j²
 
@@ -31,9 +32,8 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import SvdpressError
-from ..params import layer_params
 from . import Allocation, AllocationProblem, allocator
-from .common import block_index, candidate_ranks, fill_config
+from .common import block_index, candidate_ranks, fill_config, rank_at
 from .sensitivity import get_probe, layer_sensitivity, probe_config
 
 DEFAULT_STEP = 16
@@ -41,7 +41,7 @@ DEFAULT_STEP = 16
 
 @dataclass
 class LemsConfig:
-    probe_fraction: float = 0.1  # p: probe rank r_p = ⌊p · r_be⌋ where G_l is measured
+    probe_fraction: float = 0.1  # p: probe rank r_p = ⌊r(p)⌋ (classically ⌊p · r_be⌋) where G_l is measured
     alpha: float = 0.0  # α of the harmonic propagation bias
     gamma: float = 5.0  # γ: the first block's errors weigh 1 + γ, the last block's 1
     bias: str = "harmonic"  # harmonic | linear (d = L − b) | constant (d = 1)
@@ -124,14 +124,15 @@ def _step(p: AllocationProblem, cfg: LemsConfig) -> int:
 def surrogate(p: AllocationProblem, cfg: LemsConfig, G: dict[str, float], step: int, min_fraction: float):
     """Per layer: the choices (None = dense, then ranks), their parameter counts and surrogate errors e_l(r)."""
     blocks, nblocks = block_index(p)
+    counting = p.counting
     options, costs, errors = [], [], []
     for name, shape in p.shapes.items():
         S2 = np.cumsum(p.spectra[name].S.double().numpy() ** 2)
-        r_p = max(1, int(cfg.probe_fraction * shape.break_even))
+        r_p = rank_at(shape, cfg.probe_fraction, 1, counting)  # the rank the sensitivity probe truncated to
         scale = depth_bias(blocks[name], nblocks, cfg) * G[name] / max(tail_fraction(S2, r_p), 1e-12)
-        ranks: list[Optional[int]] = [None, *candidate_ranks(shape, step, min_fraction)]
+        ranks: list[Optional[int]] = [None, *candidate_ranks(shape, step, min_fraction, counting)]
         options.append(ranks)
-        costs.append(np.array([layer_params(shape, r) for r in ranks], dtype=np.float64))
+        costs.append(np.array([counting.layer(shape, r) for r in ranks], dtype=np.float64))
         errors.append(np.array([0.0 if r is None else scale * tail_fraction(S2, r) for r in ranks]))
     return options, costs, errors
 

@@ -18,8 +18,9 @@ MRCS (the same measurements, greedily) and ATP (loss of whole candidate allocati
   nll = mean next-token negative log-likelihood (every token but each sequence's last);
   dnll = nll − nll_dense (ASVD's perplexity change, in logs).
 
-Measurements are cached in `problem.cache`, keyed by the probe settings, so methods and ratios sharing a
-problem cache (same model, spectra, samples) measure each (layer, fraction) once.
+Measurements are cached in `problem.cache`, keyed by the probe settings and the problem's counting (a kept
+fraction is a different rank under PivGa counting), so methods and ratios sharing a problem cache (same model,
+spectra, samples) measure each (layer, fraction, counting) once.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def get_probe(problem: AllocationProblem, cfg: ProbeConfig) -> Probe:
 
 @dataclass
 class Sensitivity:
-    """loss[layer][fraction] = {kl, nll, dnll} with that layer alone truncated to ⌊fraction · r_be⌋."""
+    """loss[layer][fraction] = {kl, nll, dnll} with that layer alone truncated to `rank_at(shape, fraction)` under
+    the problem's counting (classically ⌊fraction · r_be⌋)."""
 
     loss: dict[str, dict[float, dict[str, float]]]
     seconds: float  # time the measurements took when they were made (cached or not)
@@ -234,13 +236,18 @@ class Sensitivity:
         return {f: v[key] for f, v in sorted(self.loss[name].items())}
 
 
+def _key(problem: AllocationProblem, cfg: ProbeConfig, fraction: float) -> tuple:
+    return ("sensitivity", cfg, round(float(fraction), 6), problem.counting.name)
+
+
 def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], cfg: ProbeConfig) -> Sensitivity:
-    """Each layer truncated alone at each kept fraction of its parameters; measured once per problem cache."""
+    """Each layer truncated alone at each kept fraction of its parameters (under the problem's counting); measured
+    once per problem cache."""
     out: dict[str, dict[float, dict[str, float]]] = {name: {} for name in problem.shapes}
     seconds, probes = 0.0, 0
     todo = []
     for f in fractions:
-        key = ("sensitivity", cfg, round(float(f), 6))
+        key = _key(problem, cfg, f)
         if key in problem.cache:
             done, secs, n = problem.cache[key]
             for name, v in done.items():
@@ -257,10 +264,10 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
         timing = {f: setup / len(todo) for f in todo}
         for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
             t = time.perf_counter()
-            per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f)})
+            per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f, 1, problem.counting)})
             timing[f] += time.perf_counter() - t
         for f in todo:
-            problem.cache[("sensitivity", cfg, round(float(f), 6))] = (per_f[f], timing[f], len(per_f[f]))
+            problem.cache[_key(problem, cfg, f)] = (per_f[f], timing[f], len(per_f[f]))
             for name, v in per_f[f].items():
                 out[name][f] = v
             seconds, probes = seconds + timing[f], probes + len(per_f[f])

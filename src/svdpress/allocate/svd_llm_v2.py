@@ -1,7 +1,7 @@
 """SVD-LLM v2's loss-based allocation (Wang et al., NAACL 2025, Algorithm 1), no forwards needed.
 
 Within each group of same-type layers (q_proj of every block, …) the theoretical truncation loss of the
-uniform rank r_u = ⌊c·r_be⌋ is L_l = ‖tail‖ = sqrt(Σ_{j≥r_u} S_j²) (whitened spectrum: the layer's output
+uniform rank r_u (⌊c·r_be⌋, or under PivGa counting the rank keeping c of the weights) is L_l = ‖tail‖ = sqrt(Σ_{j≥r_u} S_j²) (whitened spectrum: the layer's output
 error on calibration data). Compression is shared out inversely to log L:
     (1 − c_l) = N·(1 − c) · (1/log L_l) / Σ_k (1/log L_k)
 so a group keeps the same total and lossier layers keep more. A group whose losses do not all exceed 1
@@ -40,7 +40,7 @@ def svd_llm_v2(p: AllocationProblem) -> Allocation:
     step = step_of(p, cfg.rank_multiple)
     if p.ratio >= 1:
         return Allocation({name: None for name in p.shapes})
-    loss = {n: truncation_loss(p.spectra[n].S, max(1, int(p.ratio * s.break_even)), cfg.loss)
+    loss = {n: truncation_loss(p.spectra[n].S, rank_at(s, p.ratio, 1, p.counting), cfg.loss)
             for n, s in p.shapes.items()}
     groups: dict[str, list[str]] = {}
     kinds = _kinds(p)
@@ -55,7 +55,7 @@ def svd_llm_v2(p: AllocationProblem) -> Allocation:
         score = {n: 1 / math.log(loss[n]) for n in names}
         total = sum(score.values())
         keep.update({n: max(cfg.min_fraction, 1 - len(names) * (1 - p.ratio) * score[n] / total) for n in names})
-    ranks = {n: rank_at(s, keep[n], step) for n, s in p.shapes.items()}
+    ranks = {n: rank_at(s, keep[n], step, p.counting) for n, s in p.shapes.items()}
     ranks = fit_budget(p, ranks, step, priority=loss.get)
     return Allocation(ranks, {"loss": cfg.loss, "uniform_groups": uniform_groups, "rank_multiple": step,
                               "search_s": 0.0})

@@ -1,7 +1,8 @@
 """Uniform allocation: every layer keeps the same fraction of its parameters.
 
-r_l = ⌊ratio · m·n/(m+n)⌋ (rounded down to the rank multiple), so each layer, and hence the model, stays at or
-under the target. This is SVD-LLM's "compression ratio" protocol.
+r_l = ⌊r(ratio)⌋ (rounded down to the rank multiple), r(c) the rank whose factors hold c·m·n parameters under the
+problem's counting: c·m·n/(m+n) classically (SVD-LLM's "compression ratio" protocol), the smaller root of
+r·(m+n) − r² = c·m·n with PivGa. Each layer, and hence the model, stays at or under the target.
 """
 
 from . import Allocation, AllocationProblem, allocator, round_down
@@ -12,5 +13,7 @@ def uniform(p: AllocationProblem) -> Allocation:
     if p.ratio >= 1:
         return Allocation({name: None for name in p.shapes})
     step = max(1, p.rank_multiple)
-    ranks = {name: max(step, round_down(p.ratio * s.m * s.n / (s.m + s.n), step)) for name, s in p.shapes.items()}
+    counting = p.counting
+    ranks = {name: max(step, round_down(counting.rank_for(s, p.ratio * s.m * s.n), step))
+             for name, s in p.shapes.items()}
     return Allocation(ranks)
