@@ -203,6 +203,7 @@ def test_cholesky_inplace_against_torch_on_every_rung(monkeypatch):
     from svdpress.factorize.whiten import JITTERS, cholesky_inplace
 
     monkeypatch.setattr(whiten, "TILE", 24)  # several tiles, one of them ragged
+    monkeypatch.setattr(whiten, "INPLACE_MIN", 8)  # the in-place (potrf over one triangle) path at test sizes
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(300, 64, generator=g, dtype=torch.float64)

@@ -36,6 +36,7 @@ class Whitener:
         return torch.linalg.solve(self.S.T, U)
 
 
+INPLACE_MIN = 2048  # below this width the Cholesky ladder works on a copy (memory is no concern, MKL is faster)
 TILE = 1024  # rows/columns of the tiles that in-place symmetrization and restoring copy through
 
 
@@ -82,7 +83,10 @@ def cholesky_inplace(A: torch.Tensor) -> Whitener:
     eigen fallback. On the CPU, LAPACK's potrf writes the factor over one triangle and leaves the other as it was
     (scipy's `clean=0`), so each retry restores A from that triangle and an n-vector diagonal: the whole ladder
     costs one n×n matrix, not two or three. Elsewhere (CUDA) torch factors into a new matrix."""
-    symmetrize_(A)
+    if A.shape[0] < INPLACE_MIN:  # small: a symmetrized copy is cheap, and torch's (MKL) potrf is faster there
+        A = symmetric(A)
+    else:
+        symmetrize_(A)
     diag = A.diagonal().clone()
     scale = float(diag.mean().clamp_min(1e-30))
     for eps in (0.0,) + JITTERS:
@@ -100,10 +104,15 @@ def cholesky_of(make: Callable[[], torch.Tensor]) -> Whitener:
     return cholesky_inplace(make())
 
 
+def _inplace(A: torch.Tensor) -> bool:
+    return (A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous()
+            and A.shape[0] >= INPLACE_MIN)
+
+
 def _potrf(A: torch.Tensor):
     """L (lower, A = L·Lᵀ), or None if A is not positive definite. On the CPU, L is written over Aᵀ's lower
     triangle (a view of A), and A's strictly lower triangle keeps its values until success."""
-    if A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous():
+    if _inplace(A):
         from scipy.linalg import lapack
 
         a = A.numpy().T  # Fortran-ordered view of the same memory (A is symmetric: Aᵀ = A)
@@ -119,7 +128,7 @@ def _potrf(A: torch.Tensor):
 
 def _restore(A: torch.Tensor, diag: torch.Tensor) -> None:
     """Undo a failed CPU potrf: Aᵀ's lower triangle (A's upper) from A's intact lower one, then the diagonal."""
-    if A.device.type == "cpu" and A.dtype == torch.float64 and A.is_contiguous():
+    if _inplace(A):
         n = A.shape[0]
         for i in range(0, n, TILE):
             for j in range(i, n, TILE):
