@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import parse_opts  # noqa: E402
+from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
@@ -44,12 +45,10 @@ MATCH_TOL = 0.005  # achieved parameter counts compared at equal size, within ±
 ALL = ("uniform", "atp", "asvd-threshold", "mrcs", "svd-llm-v2", "lems", "fermigrad")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def protocol_args(p: argparse.ArgumentParser) -> None:
+    """The options of the shared protocol (also bench/pivga_budget.py's)."""
     p.add_argument("--model", default="default")
     p.add_argument("--factorize", default="svd-llm")
-    p.add_argument("--methods", default=",".join(ALL), help="comma list; unregistered ones are skipped")
-    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
     p.add_argument("--rank-multiple", type=int, default=1, help="for every method (lems uses 16 when this is 1)")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -58,29 +57,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=8192, help="evaluation tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
-    p.add_argument("--pivga", action="store_true", help="budget counted as PivGa stores it; models gauge-fixed")
+    p.add_argument("--stats-cache", default=None, help="calibration statistics cache directory (stats_cache.py)")
     p.add_argument("--spectra-cache", default=None, help="file to save/load the spectra (skips calibration)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
     p.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    protocol_args(p)
+    p.add_argument("--methods", default=",".join(ALL), help="comma list; unregistered ones are skipped")
+    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--pivga", action="store_true", help="budget counted as PivGa stores it; models gauge-fixed")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
     return p.parse_args(argv)
 
 
-def method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in parse_opts(pairs).items():
-        method, _, key = k.partition(".")
-        if not key:
-            raise SystemExit(f"--opt expects METHOD.KEY=VALUE, got {k}")
-        out.setdefault(method, {})[key] = v
-    return out
-
-
-def spectra_for(a, runner, samples, progress):
+def spectra_for(a, runner, samples, progress) -> tuple[dict, float]:
     path = Path(a.spectra_cache) if a.spectra_cache else None
     if path and path.is_file():
         return torch.load(path, weights_only=False), 0.0
     t = time.perf_counter()
-    spectra = factorize_model(runner, samples, a.factorize, Timer(), progress=progress)
+    spectra = factorize_model(runner, samples, a.factorize, Timer(), progress=progress, stats_cache=a.stats_cache)
     seconds = time.perf_counter() - t
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +112,10 @@ def main(argv=None) -> int:
     methods = [m for m in methods if m in ALLOCATORS]
     if skipped:
         print(f"skipping unregistered methods: {', '.join(skipped)}")
-    opts = method_options(a.opt)
+    try:
+        opts = parse_method_opts(a.opt)
+    except SvdpressError as e:
+        raise SystemExit(str(e)) from None
     ratios = [float(r) for r in a.ratios.split(",")]
 
     model, tok, _ = load_model(a.model)

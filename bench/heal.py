@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import svdpress  # noqa: E402
-from svdpress.cli import parse_opts  # noqa: E402
+from svdpress.cli import parse_method_opts, parse_opts  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, HealConfig, resolve_device  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.perplexity import text_perplexity  # noqa: E402
 from svdpress.evaluate.zeroshot import average_acc  # noqa: E402
 from svdpress.export import read_manifest, write_json  # noqa: E402
@@ -70,16 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def method_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for k, v in parse_opts(pairs).items():
-        method, _, key = k.partition(".")
-        if not key:
-            raise SystemExit(f"--opt expects METHOD.KEY=VALUE, got {k}")
-        out.setdefault(method, {})[key] = v
-    return out
 
 
 def compressed(a, factorize: str, start: str, ratio: float, options: dict, device: str, progress: bool) -> str:
@@ -221,7 +212,10 @@ def main(argv=None) -> int:
     texts = csv(a.ppl)
     heal_opts = parse_opts(a.heal)
     HealConfig.from_options(heal_opts).validate()  # bad settings fail before anything is compressed
-    alloc_opts = method_options(a.opt)
+    try:
+        alloc_opts = parse_method_opts(a.opt)
+    except SvdpressError as e:
+        raise SystemExit(str(e)) from None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(a.work).mkdir(parents=True, exist_ok=True)

@@ -31,43 +31,32 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
-
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import parse_opts  # noqa: E402
+from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
 from svdpress.params import CLASSICAL, count_params, dense_count  # noqa: E402
-from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
+from svdpress.pipeline import build, evaluate_model  # noqa: E402
 from svdpress.table import table  # noqa: E402
+
+from allocation import protocol_args, spectra_for  # noqa: E402  (bench/allocation.py: the shared protocol)
 
 MATCH_TOL = 0.005  # the two models' parameter counts agree within ±0.5%
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--factorize", default="svd-llm")
+    protocol_args(p)
     p.add_argument("--methods", default="uniform,lems", help="comma list of allocation methods")
     p.add_argument("--ratios", default="0.8,0.6", help="nominal ratios R of the classical allocation")
-    p.add_argument("--rank-multiple", type=int, default=1, help="for every method (lems uses 16 when this is 1)")
-    p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
-    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
-    p.add_argument("--stats-cache", default=None, help="calibration statistics cache directory (stats_cache.py)")
-    p.add_argument("--spectra-cache", default=None, help="file to save/load the spectra (skips calibration)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "pivga_budget.json"))
     p.add_argument("--build", choices=("pivga", "svd"), default="pivga",
                    help="build gauge-fixed (and count the modules) or as LowRankLinear (same outputs; counted)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the missing ones")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in a.methods if m not in ALLOCATORS]
@@ -76,26 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.ratios = [float(r) for r in a.ratios.split(",") if r]
     if not all(0 < r < 1 for r in a.ratios):
         p.error("--ratios must lie in (0, 1)")
-    a.options = {}
-    for k, v in parse_opts(a.opt).items():
-        method, _, key = k.partition(".")
-        if not key:
-            p.error(f"--opt expects METHOD.KEY=VALUE, got {k}")
-        a.options.setdefault(method, {})[key] = v
+    try:
+        a.options = parse_method_opts(a.opt)
+    except SvdpressError as e:
+        p.error(str(e))
     return a
-
-
-def spectra_for(a, runner, samples, progress) -> tuple[dict, float]:
-    path = Path(a.spectra_cache) if a.spectra_cache else None
-    if path and path.is_file():
-        return torch.load(path, weights_only=False), 0.0
-    t = time.perf_counter()
-    spectra = factorize_model(runner, samples, a.factorize, Timer(), progress=progress, stats_cache=a.stats_cache)
-    seconds = time.perf_counter() - t
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(spectra, path)
-    return spectra, seconds
 
 
 class Bench:

@@ -41,6 +41,17 @@ def parse_opts(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_method_opts(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """--opt METHOD.KEY=VALUE pairs (benches that run several methods) → {method: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in parse_opts(pairs).items():
+        method, _, key = k.partition(".")
+        if not key:
+            raise SvdpressError(f"--opt expects METHOD.KEY=VALUE, got {k}")
+        out.setdefault(method, {})[key] = v
+    return out
+
+
 def add_eval_args(p: argparse.ArgumentParser, ppl_default: Optional[str] = "wiki") -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model maximum)")
     p.add_argument("--limit", type=int, default=None,
@@ -215,14 +226,9 @@ def summarize_compression(r: dict) -> str:
         ["layers factored", f"{sum(1 for x in r['layers'].values() if x['rank'] is not None)} / {len(r['layers'])}"],
         ["time (s)", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())],
     ]
-    ev = r.get("eval") or {}
-    for name, res in (ev.get("ppl") or {}).items():
-        rows.append([f"ppl {name}", f"{res['ppl']:.3f} ({res['tokens']} tokens of {res['part']}, seqlen {res['seqlen']})"])
-    if ev.get("tasks"):
-        from .evaluate.zeroshot import average_acc, task_summary
+    from .evaluate.run import eval_rows
 
-        rows += [[name, task_summary(res)] for name, res in ev["tasks"].items()]
-        rows.append(["average acc", f"{average_acc(ev['tasks']):.4f} over {len(ev['tasks'])} tasks"])
+    rows += eval_rows(r.get("eval") or {})
     return table(rows, ["", "summary"])
 
 
