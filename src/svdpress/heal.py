@@ -567,12 +567,7 @@ def summarize(report: dict) -> str:
         ["params", f"{h['params']['after']:,} (unchanged; {h['trainable_params']:,} trained)"],
         ["time (s)", ", ".join(f"{k} {v}" for k, v in h["time_s"].items() if k != "note")],
     ]
-    ev = report.get("eval") or {}
-    for name, res in (ev.get("ppl") or {}).items():
-        rows.append([f"ppl {name}", f"{res['ppl']:.3f} ({res['tokens']} tokens of {res['part']})"])
-    if ev.get("tasks"):
-        from .evaluate.zeroshot import average_acc, task_summary
+    from .evaluate.run import eval_rows
 
-        rows += [[name, task_summary(res)] for name, res in ev["tasks"].items()]
-        rows.append(["average acc", f"{average_acc(ev['tasks']):.4f} over {len(ev['tasks'])} tasks"])
+    rows += eval_rows(report.get("eval") or {}, seqlen=False)
     return table(rows, ["", "heal"])

@@ -41,3 +41,18 @@ def finite(what: str, value: float) -> float:
     if not math.isfinite(value):
         raise SvdpressError(f"{what} is {value}: the model produces non-finite outputs (NaN/Inf in its weights?)")
     return value
+
+
+def eval_rows(ev: dict, seqlen: bool = True) -> list[list[str]]:
+    """Summary-table rows of an evaluation's results: one per perplexity (with its window when `seqlen`), one per
+    zero-shot task, and their average accuracy."""
+    rows = []
+    for name, res in (ev.get("ppl") or {}).items():
+        window = f", seqlen {res['seqlen']}" if seqlen else ""
+        rows.append([f"ppl {name}", f"{res['ppl']:.3f} ({res['tokens']} tokens of {res['part']}{window})"])
+    if ev.get("tasks"):
+        from .zeroshot import average_acc, task_summary
+
+        rows += [[name, task_summary(res)] for name, res in ev["tasks"].items()]
+        rows.append(["average acc", f"{average_acc(ev['tasks']):.4f} over {len(ev['tasks'])} tasks"])
+    return rows
