@@ -7,8 +7,6 @@ is returned as a note, which ends up in the manifest.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..calibrate import InputStats
@@ -97,11 +95,6 @@ def cholesky_inplace(A: torch.Tensor) -> Whitener:
             return Whitener(L, True, f"cholesky jitter {eps:g}*mean(diag)" if eps else "")
         _restore(A, diag)
     return eigen(A, note="cholesky failed; eigen fallback", symmetrized=True)
-
-
-def cholesky_of(make: Callable[[], torch.Tensor]) -> Whitener:
-    """Cholesky whitener of the symmetric matrix `make()` builds (a new matrix, consumed)."""
-    return cholesky_inplace(make())
 
 
 def _inplace(A: torch.Tensor) -> bool:

@@ -477,18 +477,18 @@ class Runner:
 
     def backward(self, states: list[State], loss_fn: Callable[[int, torch.Tensor], torch.Tensor],
                  overrides: Optional[Mapping[str, Override]] = None,
-                 hook: Optional[Callable[..., list]] = None,
+                 hook: Optional[Callable[[int, nn.Module, int], list]] = None,
                  on_block_done: Optional[Callable[[int], None]] = None,
                  passes: Optional[Callable[[int], int]] = None) -> float:
         """Σ_j loss_fn(j, h_j) over the batches, back-propagated through every block: leaves that require
-        grad (e.g. FermiGrad's μ inside `overrides`) accumulate .grad, and `hook(i, block)` may register hooks
+        grad (e.g. FermiGrad's μ inside `overrides`) accumulate .grad, and `hook(i, block, p)` may register hooks
         that see each block's forward and backward (handles returned are removed after the block). h_j is the
         last block's output on the device. Blocks run one at a time, recomputed from their saved inputs, in
         every placement: the autograd graph never spans more than one block, so memory does not grow with depth
         (a whole-model graph of a 4096-token batch is gigabytes even for a 270M model), and the results are the
         same whether the model is streamed or not.
 
-        With `passes(i) = P > 1`, block i's backward runs P times, `hook(i, block, p)` registering each pass's
+        With `passes(i) = P > 1`, block i's backward runs P times (p = 0..P−1), `hook` registering each pass's
         hooks (e.g. the gradient statistics of a few layers at a time, when all of them at once would not fit).
         Only the last pass carries the gradient on and into leaves; the earlier ones only feed the hooks."""
         L = len(self.blocks)
@@ -507,7 +507,7 @@ class Runner:
             with self.block(i, overrides) as blk:
                 for p in range(P):
                     last = p == P - 1
-                    handles = (hook(i, blk, p) if passes else hook(i, blk)) if hook else []
+                    handles = hook(i, blk, p) if hook else []
                     try:
                         for j, (_, kw) in enumerate(states):
                             x = saved[i][j].to(self.device).detach().requires_grad_(True)
