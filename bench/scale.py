@@ -890,8 +890,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             for method in methods:
                 rec = run_one(m, path, method, a, work, logs)
-                rec["predicted"] = predict(MODELS[m], method, rec["settings"], _base_of(rec, res["matplotlib_mb"]),
-                                           feat=rec["code"])
+                rec["predicted"] = predict(MODELS[m], method, rec["settings"], _base_of(rec, res["matplotlib_mb"]))
                 key = (m, method, rec["variant"])
                 res["runs"] = [r for r in res["runs"] if (r["model"], r["method"], r.get("variant")) != key] + [rec]
                 _save(a.out, res)

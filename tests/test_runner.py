@@ -218,3 +218,51 @@ def test_chunked_shard_equals_safetensors_save(tmp_path, dtype):
     assert got.dtype == dtype and torch.equal(got, t)
     assert w.total == t.numel() * t.element_size()
     w.abort()
+
+
+def test_block_inputs_in_memory_and_on_disk(tmp_path):
+    """Saved block inputs read back exactly from either place; the disk folder goes at close or collection."""
+    import gc
+
+    from svdpress.model.runner import BlockInputs
+
+    xs = [torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(1, 3)]
+    for on_disk in (False, True):
+        b = BlockInputs(on_disk, str(tmp_path))
+        b.append(xs)
+        b.append([x * 2 for x in xs])
+        assert b.on_disk == on_disk and len(b) == 2
+        assert all(torch.equal(a, 2 * x) and a.dtype == x.dtype for a, x in zip(b[1], xs))
+        b.drop(0)
+        b.close()
+        assert list(tmp_path.iterdir()) == []
+    b = BlockInputs(True, str(tmp_path))
+    b.append(xs)
+    del b
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_tensors_equals_safetensors_load(tmp_path):
+    """Plain reads (no memory map) give safetensors' own answer, whole or by rows, in every dtype we write."""
+    from safetensors.torch import load_file, save_file
+
+    from svdpress.model.weights import read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    ts = {f"t{i}": torch.randn(7, 5, generator=g).to(dt) for i, dt in
+          enumerate([torch.float64, torch.float32, torch.bfloat16, torch.float16])}
+    ts["i"], ts["empty"], ts["vec"] = torch.arange(12).reshape(3, 4), torch.zeros(0, 3), torch.randn(6, generator=g)
+    f = tmp_path / "x.safetensors"
+    save_file(ts, str(f))
+    ref, got = load_file(str(f)), read_tensors(f)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k])
+    part = read_tensors(f, ["t2", "vec"], rows=(2, 5))
+    assert torch.equal(part["t2"], ref["t2"][2:5]) and torch.equal(part["vec"], ref["vec"][2:5])
+    with pytest.raises(SvdpressError, match="no tensor"):
+        read_tensors(f, ["nope"])
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(SvdpressError, match="truncated"):
+        read_tensors(f)

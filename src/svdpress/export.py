@@ -29,11 +29,9 @@ from safetensors.torch import save_file
 
 from .errors import SvdpressError
 from .lowrank import LAYER_KINDS
+from .model.weights import ST_DTYPES
 from .models import MANIFEST
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}  # safetensors' names
 
 REMOTE_FILES = ("lowrank.py", "modeling_svdpress.py")
 FORMAT_VERSION = 1
@@ -135,7 +133,7 @@ class ShardWriter:
         path = self.tmp / f"model-{self.count:05d}.safetensors"
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         header = {"__metadata__": {"format": "pt"},
-                  name: {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
+                  name: {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
         written = 0

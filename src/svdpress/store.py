@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .factorize import LayerSpectrum
+from .model.weights import read_tensors
 
 
 def _file(folder: Path, name: str) -> Path:
@@ -33,11 +35,11 @@ class StoredSpectrum(LayerSpectrum):
 
     @property
     def U(self) -> torch.Tensor:  # type: ignore[override]
-        return load_file(self.path)["U"]
+        return read_tensors(self.path, ["U"])["U"]
 
     @property
     def V(self) -> torch.Tensor:  # type: ignore[override]
-        return load_file(self.path)["V"]
+        return read_tensors(self.path, ["V"])["V"]
 
 
 class _Store(MutableMapping):
@@ -46,11 +48,13 @@ class _Store(MutableMapping):
     def __init__(self, on_disk: bool, parent: Optional[str], prefix: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) if on_disk else None
         self._items: dict[str, object] = {}
+        # removed at close(), or when the store is garbage-collected or the interpreter exits, whichever is first
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True) if on_disk else None
 
     def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+        if self._remove is not None:
+            self._remove()
+        self.folder = None
 
     def __delitem__(self, name: str) -> None:
         item = self._items.pop(name)
@@ -98,4 +102,4 @@ class TensorStore(_Store):
 
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         item = self._items[name]
-        return load_file(item) if isinstance(item, Path) else item
+        return read_tensors(item) if isinstance(item, Path) else item

@@ -464,16 +464,27 @@ class Runner:
     def forward(self, states: list[State], start: int = 0, stop: Optional[int] = None,
                 overrides: Optional[Mapping[str, Override]] = None, save_inputs: bool = False):
         """Run every batch through blocks start..stop−1, block by block. Returns the outputs, and with
-        `save_inputs` also every block's inputs (inputs[b][j], parked)."""
+        `save_inputs` also every block's inputs (a `BlockInputs`, inputs[b][j]; the caller closes it)."""
         stop = len(self.blocks) if stop is None else stop
         hs = [s[0] for s in states]
-        inputs: list[list[torch.Tensor]] = []
-        for i in range(start, stop):
-            if save_inputs:
-                inputs.append(list(hs))
-            with self.block(i, overrides) as blk:
-                hs = [self.park(self.run(blk, h, kw)) for h, (_, kw) in zip(hs, states)]
+        inputs = self._block_inputs(hs, stop - start) if save_inputs else None
+        try:
+            for i in range(start, stop):
+                if inputs is not None:
+                    inputs.append(hs)
+                with self.block(i, overrides) as blk:
+                    hs = [self.park(self.run(blk, h, kw)) for h, (_, kw) in zip(hs, states)]
+        except BaseException:
+            if inputs is not None:
+                inputs.close()
+            raise
         return (hs, inputs) if save_inputs else hs
+
+    def _block_inputs(self, hs: list[torch.Tensor], n_blocks: int) -> "BlockInputs":
+        """Where saved block inputs wait: on disk when streaming from disk, or when all of them (n_blocks × the
+        batches) would take more than an eighth of the budget; in memory otherwise."""
+        total = n_blocks * sum(h.numel() * h.element_size() for h in hs)
+        return BlockInputs(self.offload == "disk" or total > self.budget() // 8, self.placement.offload_dir)
 
     def backward(self, states: list[State], loss_fn: Callable[[int, torch.Tensor], torch.Tensor],
                  overrides: Optional[Mapping[str, Override]] = None,
@@ -491,38 +502,43 @@ class Runner:
         With `passes(i) = P > 1`, block i's backward runs P times (p = 0..P−1), `hook` registering each pass's
         hooks (e.g. the gradient statistics of a few layers at a time, when all of them at once would not fit).
         Only the last pass carries the gradient on and into leaves; the earlier ones only feed the hooks."""
-        L = len(self.blocks)
         with torch.no_grad():
             hs, saved = self.forward(states, overrides=overrides, save_inputs=True)
-        grads, total = [], 0.0
-        for j, h in enumerate(hs):
-            x = h.to(self.device).detach().requires_grad_(True)
-            loss = loss_fn(j, x)
-            loss.backward()
-            total += float(loss.detach())
-            grads.append(self.park(x.grad))
-        del hs
-        for i in reversed(range(L)):
-            P = passes(i) if passes else 1
-            with self.block(i, overrides) as blk:
-                for p in range(P):
-                    last = p == P - 1
-                    handles = hook(i, blk, p) if hook else []
-                    try:
-                        for j, (_, kw) in enumerate(states):
-                            x = saved[i][j].to(self.device).detach().requires_grad_(True)
-                            out = self.run(blk, x, kw)
-                            torch.autograd.backward(out, grads[j].to(self.device), inputs=None if last else [x])
-                            if last:
-                                grads[j] = self.park(x.grad)
-                                saved[i][j] = None
-                            del x, out
-                    finally:
-                        for hd in handles:
-                            hd.remove()
-            if on_block_done:
-                on_block_done(i)
-        return total
+        try:
+            grads, total = [], 0.0
+            for j, h in enumerate(hs):
+                x = h.to(self.device).detach().requires_grad_(True)
+                loss = loss_fn(j, x)
+                loss.backward()
+                total += float(loss.detach())
+                grads.append(self.park(x.grad))
+            del hs
+            for i in reversed(range(len(self.blocks))):
+                P = passes(i) if passes else 1
+                xs = saved[i]
+                with self.block(i, overrides) as blk:
+                    for p in range(P):
+                        last = p == P - 1
+                        handles = hook(i, blk, p) if hook else []
+                        try:
+                            for j, (_, kw) in enumerate(states):
+                                x = xs[j].to(self.device).detach().requires_grad_(True)
+                                out = self.run(blk, x, kw)
+                                torch.autograd.backward(out, grads[j].to(self.device), inputs=None if last else [x])
+                                if last:
+                                    grads[j] = self.park(x.grad)
+                                    xs[j] = None
+                                del x, out
+                        finally:
+                            for hd in handles:
+                                hd.remove()
+                del xs
+                saved.drop(i)
+                if on_block_done:
+                    on_block_done(i)
+            return total
+        finally:
+            saved.close()
 
     @contextmanager
     def streamed(self) -> Iterator[nn.Module]:
@@ -602,3 +618,37 @@ class Runner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BlockInputs:
+    """Every block's input activations of a pass, inputs[i][j] (block i, batch j), saved for a later
+    recomputation (backward, or a probe that restarts from block i). All of them together are L·N·d values
+    (268 MB for Llama-3.2-1B at 8×256 tokens, 137 GB for an 8B model at 256×2048), so when streaming they
+    wait on disk, one safetensors file per block, and only one block's are read back at a time."""
+
+    def __init__(self, on_disk: bool, parent: Optional[str] = None) -> None:
+        from ..store import TensorStore
+
+        self._store = TensorStore(on_disk, parent)
+        self._n = 0
+
+    @property
+    def on_disk(self) -> bool:
+        return self._store.folder is not None
+
+    def append(self, hs: Sequence[torch.Tensor]) -> None:
+        self._store[str(self._n)] = {str(j): h for j, h in enumerate(hs)}
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        d = self._store[str(i)]
+        return [d[str(j)] for j in range(len(d))]
+
+    def drop(self, i: int) -> None:
+        del self._store[str(i)]
+
+    def close(self) -> None:
+        self._store.close()
