@@ -262,3 +262,20 @@ def test_consuming_factorizers_give_the_same_spectrum(setup, method):
     torch.testing.assert_close(ours.S, ref.S, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours.weight(8), ref.weight(8), rtol=1e-6, atol=1e-8)
     assert inputs.xtx is None  # X·Xᵀ was consumed
+
+
+def test_thin_svd_over_the_matrix_equals_torch(monkeypatch):
+    """The in-place (scipy gesdd over M's memory) SVD gives torch's singular values and a factorization of M;
+    M is left alone unless it may be overwritten."""
+    import svdpress.factorize as F
+
+    monkeypatch.setattr(F, "SVD_INPLACE_MIN", 0)
+    M = torch.randn(300, 120, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    U0, S0, Vh0 = torch.linalg.svd(M, full_matrices=False)
+    keep = M.clone()
+    U, S, Vh = F.thin_svd(M.clone(), overwrite=True)
+    torch.testing.assert_close(S, S0, rtol=1e-12, atol=0)
+    torch.testing.assert_close((U * S) @ Vh, keep, rtol=0, atol=1e-12)
+    torch.testing.assert_close(U.T @ U, torch.eye(120, dtype=torch.float64), rtol=0, atol=1e-12)
+    F.thin_svd(M, overwrite=False)
+    assert torch.equal(M, keep)

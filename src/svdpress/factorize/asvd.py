@@ -14,4 +14,4 @@ ALPHA = 0.5
 def asvd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     a = stats.inputs.mean_abs.to(W)
     s = a.clamp_min(1e-6 * float(a.max().clamp_min(1e-30))) ** ALPHA  # dead channels must not divide by zero
-    return spectrum_from_svd(W * s, right=lambda Vh: Vh / s)
+    return spectrum_from_svd(W * s, right=lambda Vh: Vh / s, overwrite=True)

@@ -19,4 +19,4 @@ def fwsvd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
         raise SvdpressError("fwsvd needs weight Fisher statistics (calibrate.gradient_stats)")
     imp = stats.weight_fisher.to(W).sum(1)  # I_i = Σ_j F_ij
     w = imp.clamp_min(FLOOR * float(imp.max().clamp_min(1e-300))).sqrt()[:, None]
-    return spectrum_from_svd(w * W, left=lambda U: U / w)
+    return spectrum_from_svd(w * W, left=lambda U: U / w, overwrite=True)

@@ -46,7 +46,7 @@ def kfac_spectrum(W: torch.Tensor, inputs: InputStats, G: torch.Tensor, damping:
     else:
         M = left.S.T.to(W) @ W @ right.S.to(W)
     note = "; ".join(f"{side}: {wh.note}" for side, wh in (("out", left), ("in", right)) if wh.note)
-    return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note)
+    return spectrum_from_svd(M, right=right.undo, left=left.undo_left, note=note, overwrite=True)
 
 
 @register_factorizer("kfac", needs_gradients=True, description="KFAC-SVD: two-sided (activation x gradient) whitening")

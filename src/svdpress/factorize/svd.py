@@ -7,4 +7,4 @@ from . import LayerSpectrum, LayerStats, register_factorizer, spectrum_from_svd
 
 @register_factorizer("svd", description="plain truncated SVD of W")
 def svd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
-    return spectrum_from_svd(W)
+    return spectrum_from_svd(W, overwrite=stats.consume)  # W itself is factored only when it is ours

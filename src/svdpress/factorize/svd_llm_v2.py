@@ -16,4 +16,4 @@ from .whiten import right_mul_, whitener
 def svd_llm_v2(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     wh = whitener(stats.inputs, "eigen")
     M = right_mul_(W, wh.S.to(W)) if stats.consume else W @ wh.S.to(W)  # W·S (over W when W is ours)
-    return spectrum_from_svd(M, right=wh.undo, note=wh.note)
+    return spectrum_from_svd(M, right=wh.undo, note=wh.note, overwrite=True)
