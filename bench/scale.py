@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/scale.py                                    # deep-narrow + tiny-wide, 3 methods
     PYTHONPATH=src python bench/scale.py --models llama-3.2-1b --methods svd-llm+uniform
     PYTHONPATH=src python bench/scale.py --report --extrapolate --markdown  # tables from the saved JSON only
+    PYTHONPATH=src python bench/scale.py --nproc 2 --models deep-narrow     # 1 vs 2 processes (torchrun)
 
 1. Random-weight models of real shapes (no download): the tensors' names and shapes come from the model built on
    the meta device (`accelerate.init_empty_weights` + `from_config`), each tensor is drawn from its own seeded
@@ -458,6 +459,95 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     return rec
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Scaling over processes (--nproc): the same compression under torchrun with 1, 2, ... N processes
+
+def proc_counts(n: int) -> list[int]:
+    """1, then powers of two up to N, then N (1/2/4 on a 4-GPU machine, 1/2 here)."""
+    out, k = [1], 2
+    while k < n:
+        out.append(k)
+        k *= 2
+    return sorted(set(out + [n]))
+
+
+def run_nproc(model: str, model_dir: Path, method: str, nproc: int, a: argparse.Namespace, work: Path,
+              logs: Path) -> dict:
+    """One compression under `torchrun --standalone --nproc-per-node nproc -m svdpress compress ...`: the
+    process's wall time, rank 0's per-stage seconds (rank 0 also builds and writes), every rank's seconds up to
+    allocation (the manifest's `distributed.ranks`) and the ranks chosen (to check they match 1 process)."""
+    fac, alloc = method.split("+")
+    tag = f"{model}__{method}__np{nproc}"
+    out = work / tag
+    if out.is_dir():
+        shutil.rmtree(out)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "svdpress", "compress", "--model", str(model_dir), "--offload", a.offload, "--device", a.device,
+           "--dtype", a.dtype, "--calib", a.calib, "--calib-samples", str(a.calib_samples), "--calib-seqlen",
+           str(a.calib_seqlen), "--calib-batch-size", str(a.calib_batch_size), "--factorize", fac, "--allocate",
+           alloc, "--ratio", str(a.ratio), "--out", str(out), "--no-progress"]
+    if a.max_memory:
+        cmd += ["--max-memory", a.max_memory]
+    if a.offload_dir:
+        cmd += ["--offload-dir", a.offload_dir]
+    for o in (a.opts.get(alloc) if alloc in a.opts else METHOD_OPTS.get(alloc, [])):
+        cmd += ["--opt", o]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    log = logs / f"{tag}.log"
+    print(f"[{time.strftime('%H:%M:%S')}] {model} {method} x{nproc}: running (log {log})", flush=True)
+    src_state = git_state()  # which code the run measured
+    t0 = time.perf_counter()
+    with open(log, "w") as lf:
+        rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=a.timeout).returncode
+    wall = time.perf_counter() - t0
+    rec: dict[str, Any] = {"model": model, "method": method, "nproc": nproc, "rc": rc, "wall_s": round(wall, 1),
+                           "threads_per_process": int(threads), "src": src_state,
+                           "cmd": " ".join(["torchrun"] + cmd[cmd.index("--standalone"):])}
+    manifest = out / "svdpress.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        rec["timings_s"] = m["timings_s"]
+        rec["ranks_timings_s"] = [r["timings_s"] for r in m.get("distributed", {}).get("ranks", [])]
+        rec["backend"] = m.get("distributed", {}).get("backend")
+        rec["ranks"] = {n: v["rank"] for n, v in m["layers"].items()}
+    if rc != 0:
+        rec["log_tail"] = log.read_text()[-3000:]
+    if out.is_dir() and not a.keep_outputs:
+        shutil.rmtree(out)
+    print(f"[{time.strftime('%H:%M:%S')}] {model} {method} x{nproc}: {'ok' if rc == 0 else f'FAILED rc={rc}'} in "
+          f"{wall:.0f} s", flush=True)
+    return rec
+
+
+def nproc_table(runs: list[dict], markdown: bool) -> str:
+    """Seconds per stage (rank 0's) for each process count, the speedup over 1 process, and whether the ranks
+    match 1 process's."""
+    stages = list(STAGES) + ["share_spectra", "total"]
+    rows = []
+    for (model, method) in dict.fromkeys((r["model"], r["method"]) for r in runs):
+        group = sorted((r for r in runs if (r["model"], r["method"]) == (model, method)), key=lambda r: r["nproc"])
+        base = next((r for r in group if r["nproc"] == 1), None)
+        for stage in stages + ["process wall"]:
+            cells = []
+            for r in group:
+                v = r["wall_s"] if stage == "process wall" else r.get("timings_s", {}).get(stage)
+                cells.append("-" if v is None else f"{v:.1f}")
+            b = (base or {}).get("wall_s") if stage == "process wall" else (base or {}).get("timings_s", {}).get(stage)
+            last = group[-1]
+            v = last["wall_s"] if stage == "process wall" else last.get("timings_s", {}).get(stage)
+            speed = f"{b / v:.2f}" if b and v else "-"
+            if all(c == "-" for c in cells):
+                continue
+            rows.append([model, method, stage, *cells, speed])
+        same = all(r.get("ranks") == (base or {}).get("ranks") for r in group)
+        rows.append([model, method, "same ranks as 1 process", *["" for _ in group[:-1]], "yes" if same else "NO", ""])
+    counts = sorted({r["nproc"] for r in runs})
+    head = ["model", "method", "stage"] + [f"{k} proc s" for k in counts] + [f"speedup x{counts[-1]}"]
+    return table([r[:len(head)] + [""] * (len(head) - len(r)) for r in rows], head, markdown)
+
+
 def git_state() -> dict:
     """HEAD and whether src/ differs from it (read-only git commands)."""
     def git(*args: str) -> str:
@@ -494,9 +584,11 @@ C = Σ over the block's input groups of 8n² (q/k/v, o, gate/up, down: 8(3d² + 
   weights     w = b·P (one block, read from the checkpoint)
   calibrate   w + N·d·b (parked states) + C (the block's X·Xᵀ) + B·Σ_blk(m+n)·b (one pass) + 12·R·n_max (Gram rows)
   factorize   layers widest input first; at each layer: the X·Xᵀ (or their factors) still held + [kfac: 8m², G read
-              back and factored in place] + 8mn (W float64, then W·L in place) + 8mn (gesdd's copy) + 8(mk + kn)
-              (U, Vh) + 24k² (gesdd's workspace) + 8·max(mk, kn) (the un-whitened factor)
-  gradients   w + L·N·d·b (each block's saved input) + N·d·4 (∂L/∂h) + 2·B·Σ_blk(m+n)·4 (one block's autograd)
+              back and factored in place] + 8mn (W float64, then W·L in place) + [8mn, gesdd's copy, only below
+              32 MiB: a larger M is factored over its own memory] + 8(mk + kn) (U, Vh) + 60k² (gesdd's workspace,
+              measured at 8192×2048) + 8·max(mk, kn) (the un-whitened factor)
+  gradients   w + N·d·b (one block's saved input, read back from disk: BlockInputs) + N·d·4 (∂L/∂h)
+              + 2·B·Σ_blk(m+n)·4 (one block's autograd)
               + the largest pass's G (layers grouped under budget/4; a layer wider than that alone: 8m²)
               + 12·R·m_max, or the loss over the vocabulary 3·T·c·4 (c = head chunk rows, T tokens of a pass)
   fermigrad   w + 4·Σ_blk(m+n)·k (one block's masks: U, V in float32) + 4·T·c·4 (head chunk) + the teacher's
@@ -547,7 +639,7 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[s
         T = B - B // s["seqlen"]
         mmax = max(m for _, m, _ in lin)
         out["calibrate_gradients"] = {
-            "anon": w + L * N * d * b + N * d * 4 + 2 * B * act * 4 + max(passes) + max(12 * R * mmax, 3 * T * chunk(T) * 4),
+            "anon": w + N * d * b + N * d * 4 + 2 * B * act * 4 + max(passes) + max(12 * R * mmax, 3 * T * chunk(T) * 4),
             "file": blk_file}
     out["calibrate"] = {"anon": w + N * d * b + C + B * act * b + 12 * R * nmax, "file": blk_file}
 
@@ -557,7 +649,9 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[s
     for name, m, n in sorted(lin, key=lambda t: -t[2]):  # pipeline.factorize_model: widest input first
         k = min(m, n)
         g = 8 * m * m if fac == "kfac" else 0
-        peak = max(peak, N * d * b + held + g + 16 * m * n + 8 * (m * k + k * n) + 24 * k * k + 8 * max(m, n) * k)
+        copy = 8 * m * n if 8 * m * n < 32 * MiB else 0  # factorize.thin_svd: in place from 32 MiB
+        peak = max(peak, N * d * b + held + g + 8 * m * n + copy + 8 * (m * k + k * n) + 60 * k * k
+                   + 8 * max(m, n) * k)
         left[group_of[name]] -= 1
         if not left[group_of[name]]:
             held -= 8 * n * n
@@ -835,6 +929,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fresh", action="store_true", help="start --out afresh instead of merging")
     p.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
                    help="add the runs of these result files (same format) to --out")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="scaling over processes instead of memory: each (model, method) under torchrun with 1, 2, "
+                        "4, ... N processes (gloo on CPU, nccl on GPUs); wall seconds per stage -> --nproc-out")
+    p.add_argument("--calib-batch-size", type=int, default=None,
+                   help="--nproc: calibration batch (default calib-samples / N, so that every process has one)")
+    p.add_argument("--nproc-out", type=Path, default=ROOT / "bench" / "results" / "scale_nproc.json")
+    p.add_argument("--nproc-work", type=Path, default=Path("/tmp/svdpress-nproc"),
+                   help="where the --nproc runs write their outputs (removed after each run)")
     a = p.parse_args(argv)
 
     cuda = a.device.startswith("cuda")
@@ -844,6 +946,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for o in a.opt:
         alloc, _, kv = o.partition(":")
         a.opts.setdefault(alloc, []).append(kv)
+    if a.nproc is not None:
+        return main_nproc(a, p)
     res = {"runs": [], "models": {}} if a.fresh else load_results(a.out)
     for other in a.merge:  # runs made with another --out (e.g. in parallel) join this file
         o = load_results(other)
@@ -911,6 +1015,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     res["memory_model"] = MEMORY_MODEL
     if not a.report:
         _save(a.out, res)
+    return 0
+
+
+def main_nproc(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    if a.nproc < 1:
+        p.error("--nproc must be at least 1")
+    # every process needs a batch of its own: the same batches for every process count (so the sums are the same)
+    a.calib_batch_size = a.calib_batch_size or max(1, a.calib_samples // a.nproc)
+    res = {"runs": []} if (a.fresh or not a.nproc_out.is_file()) else json.loads(a.nproc_out.read_text())
+    if not a.report:
+        models = [m for m in a.models.split(",") if m]
+        methods = [m for m in a.methods.split(",") if m]
+        for m in models:
+            if m not in MODELS:
+                p.error(f"unknown model {m}; choose from {', '.join(MODELS)}")
+        a.models_dir.mkdir(parents=True, exist_ok=True)
+        a.nproc_work.mkdir(parents=True, exist_ok=True)
+        logs = a.nproc_out.parent / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "note": "shared machine: other processes ran at the same time; timings are noisy"}
+        for m in models:
+            path = build_model(m, a.models_dir)
+            for method in methods:
+                for k in proc_counts(a.nproc):
+                    rec = run_nproc(m, path, method, k, a, a.nproc_work, logs)
+                    key = (m, method, k)
+                    res["runs"] = [r for r in res["runs"] if (r["model"], r["method"], r["nproc"]) != key] + [rec]
+                    _save(a.nproc_out, res)
+    print()
+    print(nproc_table(res["runs"], a.markdown))
     return 0
 
 

@@ -135,6 +135,30 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - t
 
 
+class RandomSpectrum:
+    """`--factorize random`: speed does not depend on the factor values, so a random-weight model of a large
+    shape (e.g. Llama-3.2-1B on a CPU, where 112 SVDs of 8192×2048 would take half an hour) gets Gaussian
+    factors of the ranks asked for, generated per layer from its own seed, and descending singular values for
+    the allocator. Only the speed and memory columns mean anything for such variants."""
+
+    def __init__(self, m: int, n: int, seed: int) -> None:
+        self.m, self.n, self.seed, self.note = m, n, seed, ""
+        self.S = torch.linspace(1.0, 1e-3, min(m, n), dtype=torch.float64)
+
+    @property
+    def full_rank(self) -> int:
+        return self.S.numel()
+
+    def tail_energy(self, r: int) -> float:
+        return float((self.S[r:] ** 2).sum())
+
+    def factors(self, r: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        A = torch.randn(self.m, r, generator=g) / self.m ** 0.5
+        B = torch.randn(r, self.n, generator=g) / self.n ** 0.5
+        return A.to(dtype), B.to(dtype)
+
+
 def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """dense + {svd, pivga} at every ratio, from one calibration; or dense + the given saved models."""
     from svdpress.allocate import AllocationProblem, allocate
@@ -156,12 +180,15 @@ def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Mod
         return variants, info
     from svdpress.data import calibration_samples
 
-    samples, _ = calibration_samples(tok, a.calib, a.calib_samples, a.calib_seqlen, 0)
-    t = time.perf_counter()
-    with Runner(dense, Placement(device=device, offload="none")) as r:
-        spectra = factorize_model(r, samples, a.factorize, Timer(), progress=not a.no_progress)
-    print(f"spectra in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     shapes = {t.name: t.shape for t in find_targets(dense)}
+    if a.factorize == "random":
+        samples, spectra = None, {n: RandomSpectrum(s.m, s.n, i) for i, (n, s) in enumerate(shapes.items())}
+    else:
+        samples, _ = calibration_samples(tok, a.calib, a.calib_samples, a.calib_seqlen, 0)
+        t = time.perf_counter()
+        with Runner(dense, Placement(device=device, offload="none")) as r:
+            spectra = factorize_model(r, samples, a.factorize, Timer(), progress=not a.no_progress)
+        print(f"spectra in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     for ratio in a.ratios:
         m = copy.deepcopy(dense)
         with Runner(m, Placement(device=device, offload="none")) as r:
@@ -197,7 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="saved compressed model directories to measure instead of building variants")
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 0.6])
-    p.add_argument("--factorize", default="svd-llm")
+    p.add_argument("--factorize", default="svd-llm",
+                   help="a factorizer, or `random`: Gaussian factors, for speed on large random-weight shapes")
     p.add_argument("--allocate", default="uniform")
     p.add_argument("--no-pivga", dest="pivga", action="store_false")
     p.add_argument("--calib", default="wiki")

@@ -260,7 +260,8 @@ def test_classical_rank_file_is_rechecked_under_pivga_counting(parts, tmp_path):
     assert allocate(make_problem(parts, suggested, {"ranks": path}), "load").ranks == ranks  # and it works
 
 
-def test_cli_pivga_rank_file_without_pivga_is_one_line(tiny_model_dir, text_file, tmp_path, capsys):
+def test_cli_pivga_rank_file_without_pivga_is_one_line(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import svdpress.pipeline as pipeline
     from svdpress.cli import main
 
     common = ["--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "4", "--calib-seqlen", "32",
@@ -268,7 +269,9 @@ def test_cli_pivga_rank_file_without_pivga_is_one_line(tiny_model_dir, text_file
     assert main(["compress", *common, "--pivga", "--out", str(tmp_path / "a")]) == 0
     ranks_file = str(tmp_path / "a" / "ranks.json")
     capsys.readouterr()
-    assert main(["compress", *common, "--ranks", ranks_file]) == 2
+    with monkeypatch.context() as m:  # the budget is checked before any calibration
+        m.setattr(pipeline, "factorize_model", lambda *a, **k: pytest.fail("calibrated before the budget check"))
+        assert main(["compress", *common, "--ranks", ranks_file]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --pivga" in err and "Traceback" not in err
     assert main(["compress", *common, "--pivga", "--ranks", ranks_file, "--out", str(tmp_path / "b")]) == 0

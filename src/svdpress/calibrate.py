@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .memory import trim
 from .model.head import nll_sum
 
@@ -92,8 +93,11 @@ def iter_block_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 8
 
 
 def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool) -> Iterator[BlockStats]:
+    """Under torchrun each rank runs its shard of the batches and the block's sums are all-reduced before they
+    are handed on, so every rank holds the same statistics (the sums of one process, up to rounding)."""
     model = runner.model
-    states = runner.embed([samples[i:i + batch_size] for i in range(0, len(samples), batch_size)])
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    states = runner.embed(dist.shard(batches, "calibration batches (--calib-samples / --calib-batch-size)"))
 
     for i in tqdm(range(len(runner.blocks)), desc="calibrate", unit="block", disable=not progress):
         stats: dict[str, InputStats] = {}
@@ -124,10 +128,23 @@ def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool)
                 seen.clear()
                 for hd in handles:
                     hd.remove()
+        _all_reduce_inputs(stats)
         out = _finish(i, stats)
         stats = seen = None  # the suspended generator must not keep this block's X·Xᵀ alive (the consumer
         yield out            # frees each one as soon as it is whitened),
         out = None           # nor, once resumed, this block's statistics and whiteners during the next block
+
+
+def _all_reduce_inputs(stats: dict[str, InputStats]) -> None:
+    """Sum one block's input statistics over ranks (a no-op in one process): X·Xᵀ, Σ|x| and the token count of
+    each distinct input, in the order the hooks met them (the same forward order on every rank)."""
+    if not dist.active():
+        return
+    unique = list({id(s): s for s in stats.values()}.values())
+    for s in unique:
+        tokens = torch.tensor([float(s.tokens)], dtype=torch.float64, device=s.xtx.device)
+        dist.all_reduce_sum([s.xtx, s.abs_sum, tokens], "calibration statistics")
+        s.tokens = int(tokens.item())
 
 
 def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
@@ -207,6 +224,7 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
     out: dict[str, dict[str, torch.Tensor]] = {}
     keep = keep or (lambda name, s: out.__setitem__(name, s))
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    batches = dist.shard(batches, "calibration batches (--calib-samples / --calib-batch-size)")  # this rank's
     states = runner.embed(batches)
     acc = _GradAccumulator(runner.device, fisher)
 
@@ -215,7 +233,8 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
         hn = runner.final(h)[:, :-1]
         return nll_sum(runner.head, hn.reshape(-1, hn.shape[-1]), ids[:, 1:].reshape(-1))
 
-    parts = [_passes(runner.arch.in_block(i), fisher, runner.budget() // 4) for i in range(len(runner.blocks))]
+    cap = dist.min_int(runner.budget() // 4)  # every rank must split a block into the same passes
+    parts = [_passes(runner.arch.in_block(i), fisher, cap) for i in range(len(runner.blocks))]
 
     def hook(i: int, _blk, p: int) -> list:
         done(i)  # the previous pass's layers are complete
@@ -225,7 +244,9 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
     def done(i: int) -> None:
         for t in runner.arch.in_block(i):
             if t.name in acc.stats:
-                keep(t.name, {k: v.cpu() for k, v in acc.stats.pop(t.name).items()})
+                s = acc.stats.pop(t.name)
+                dist.all_reduce_sum([s[k] for k in sorted(s)], "gradient statistics")  # over ranks' batches
+                keep(t.name, {k: v.cpu() for k, v in s.items()})
         trim()  # the pass's autograd temporaries go back to the system, not into the next pass's peak
 
     bar = tqdm(total=len(runner.blocks), desc="gradients", unit="block", disable=not progress)

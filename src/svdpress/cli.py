@@ -164,6 +164,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heal", action="append", default=[], metavar="KEY=VALUE",
                    help="heal right after compressing (repeatable; 'on' for the defaults; svdpress heal --help)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other ranks before the run fails")
     add_eval_args(p)
 
 
@@ -198,9 +200,17 @@ def _compress(a: argparse.Namespace) -> int:
                          stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
+    from . import distributed
+
     if a.heal:
+        if distributed.from_env():
+            raise SvdpressError("--heal does not run across several processes yet: compress under torchrun, "
+                                "then run `svdpress heal` in one process")
         return _compress_and_heal(a, cfg)
-    _, report = compress(None, cfg)
+    with distributed.session(cfg.device, a.dist_timeout) as world:  # torchrun: join the group (else nothing)
+        _, report = compress(None, cfg)
+    if world.rank != 0:  # rank 0 reports and writes; the others only helped
+        return 0
     print(summarize_compression(report))
     if a.out:
         print(f"\nsaved to {a.out}")
@@ -226,6 +236,9 @@ def summarize_compression(r: dict) -> str:
         ["layers factored", f"{sum(1 for x in r['layers'].values() if x['rank'] is not None)} / {len(r['layers'])}"],
         ["time (s)", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())],
     ]
+    if r.get("distributed"):
+        d = r["distributed"]
+        rows.append(["processes", f"{d['world_size']} ({d['backend']}); rank 0 built and wrote the output"])
     from .evaluate.run import eval_rows
 
     rows += eval_rows(r.get("eval") or {})
@@ -456,6 +469,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)
         pass
     try:
+        if args.command != "compress":
+            from .distributed import from_env
+
+            if from_env():
+                raise SvdpressError(f"only `svdpress compress` runs across several processes; run "
+                                    f"`svdpress {args.command}` without torchrun")
         return args.run(args)
     except SvdpressError as e:
         print(f"svdpress: error: {e}", file=sys.stderr)

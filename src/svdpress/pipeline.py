@@ -2,6 +2,10 @@
 
 Each stage is a call into its own module with plain data in between; this file only sequences them, times
 them, records their peak memory, and writes down what happened (the manifest). Placement is the runner's.
+
+Under torchrun (distributed.py) every process runs this same sequence: calibration is data-parallel, each block's
+layers are factored by the rank that owns them and their spectra broadcast, the allocators divide their
+measurements, and after allocation rank 0 alone builds, writes and evaluates.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .allocate import Allocation, AllocationProblem, allocate
 from .config import CompressConfig, EvalConfig, resolve_device, torch_dtype
 from .data import calibration_samples
@@ -66,9 +71,12 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
     cache = StatsCache(stats_cache, runner, samples) if stats_cache else None
     grads = {} if grads is None else grads
     spectra = {} if spectra is None else spectra
+    owner = layer_owners(runner)  # who factors each layer (every layer rank 0's in one process)
+    me = dist.world().rank
     if fac.needs_gradients:  # backward-pass statistics (KFAC, FWSVD)
         with stages("calibrate_gradients"):
-            grad_stats(cache, runner, samples, batch_size, progress, grads, fac.needs_fisher)
+            mine = grads if not dist.active() else _Owned(grads, lambda n: owner[n] == me)
+            grad_stats(cache, runner, samples, batch_size, progress, mine, fac.needs_fisher)
     device = runner.device
     blocks = block_stats(cache, runner, samples, batch_size, progress)
     while True:
@@ -81,6 +89,8 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
             # widest input first: its X·Xᵀ (down_proj's, 8·f² bytes) is consumed before any wide G is read back
             order = sorted(bs.inputs.items(), key=lambda kv: -kv[1].abs_sum.numel())
             for name, inputs in order:
+                if owner[name] != me:  # another rank's layer (torchrun): its spectrum arrives below
+                    continue
                 # W (a float64 copy) and the gradient statistics are used once: the factorizer may overwrite them
                 W = runner.weight(name).to(device=device, dtype=torch.float64, copy=True)
                 large = W.numel() * 8 >= TRIM_MIN
@@ -96,9 +106,64 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
                 del W, stats, g
                 if large:
                     trim()
+        if dist.active():
+            for inputs in bs.inputs.values():
+                inputs._cache.clear()
+            with stages("share_spectra"):
+                share_spectra(spectra, list(bs.inputs), owner)
         bs = inputs = None  # this block's statistics and whiteners go before the next block is calibrated
         trim()
     return spectra
+
+
+def layer_owners(runner: Runner) -> dict[str, int]:
+    """The rank that factors each target layer: within every block, layers are divided among ranks balanced by
+    their SVD cost m·n·min(m, n). Per block, not over the whole model, because calibration is data-parallel:
+    every rank waits for the others at the next block's all-reduce, so each block's share must be even."""
+    out: dict[str, int] = {}
+    for i in range(len(runner.blocks)):
+        out.update(dist.assign({t.name: dist.svd_cost(t.shape.m, t.shape.n) for t in runner.arch.in_block(i)}))
+    return out
+
+
+def share_spectra(spectra: MutableMapping, names: list[str], owner: dict[str, int]) -> None:
+    """Every layer's spectrum, broadcast by the rank that factored it, so every rank holds every spectrum (the
+    allocators that measure the model, FermiGrad and the probes, run it whole on every rank). One layer at a
+    time: with a disk-backed store each arriving spectrum goes straight to disk, so memory holds one layer's
+    U, S, V beyond what one process holds. Traffic: Σ (m + n)·k·4 + 8k bytes per layer, about the size of the
+    float32 weights, sent once."""
+    me = dist.world().rank
+    for name in names:
+        src = owner[name]
+        s = spectra[name] if src == me else None
+        (U, S, V), note = dist.broadcast_tensors([s.U, s.S, s.V] if s is not None else None, src,
+                                                 f"spectrum of {name}", s.note if s is not None else None)
+        if src != me:
+            spectra[name] = LayerSpectrum(U, S, V, note)
+
+
+class _Owned(MutableMapping):
+    """A view of a statistics store that keeps only this rank's layers (the others' are dropped on arrival):
+    after the all-reduce every rank holds every layer's G, but only the layer's owner factors it."""
+
+    def __init__(self, store: MutableMapping, keep) -> None:
+        self.store, self.keep = store, keep
+
+    def __setitem__(self, name, value) -> None:
+        if self.keep(name):
+            self.store[name] = value
+
+    def __getitem__(self, name):
+        return self.store[name]
+
+    def __delitem__(self, name) -> None:
+        del self.store[name]
+
+    def __iter__(self):
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
 
 
 # Heap trims only after large temporaries: below glibc's largest mmap threshold (32 MiB) freed chunks are reused
@@ -206,6 +271,10 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     The model is run through a `Runner` (model/runner.py) that owns its placement: with `offload="disk"`
     (or "auto" when it does not fit) it is streamed from its safetensors block by block, the spectra and
     gradient statistics wait on disk, and the output is written shard by shard as blocks are factored.
+
+    Under torchrun (or any initialized torch.distributed group) the work is divided among the processes (see
+    distributed.py); rank 0 returns the report and writes `config.out`, the other ranks return (None, a short
+    report) once allocation is done.
     """
     cfg = config or CompressConfig()
     for k, v in overrides.items():
@@ -215,11 +284,15 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
     cfg.validate()
     if isinstance(model_or_id, nn.Module) and tokenizer is None:
         raise SvdpressError("compress(model, ...) with a loaded model needs its tokenizer=")
-    if cfg.out:
+    world = dist.world()
+    if world.active and cfg.stats_cache:
+        raise SvdpressError("--stats-cache is not supported with several processes yet (each rank holds a shard "
+                            "of the statistics): run without it, or in one process")
+    if cfg.out and world.rank == 0:  # only the main rank writes the output (under torchrun)
         from .export import check_out
 
         check_out(Path(cfg.out), cfg.overwrite)
-    device = resolve_device(cfg.device)
+    device = dist.local_device(resolve_device(cfg.device))
     stages = Stages()
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -235,8 +308,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
         check_model = getattr(cfg.allocation_settings, "check_model", None)
-        if check_model is not None:  # e.g. --ranks against the model's layers, before any calibration
-            check_model(shapes)
+        if check_model is not None:  # e.g. --ranks against the model's layers and the budget, before calibration
+            check_model(shapes, cfg.ratio, cfg.pivga)
         spectra = SpectrumStore(on_disk, cfg.offload_dir)
         stack.callback(spectra.close)
 
@@ -250,7 +323,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             torch.manual_seed(cfg.seed)
             grads = TensorStore(on_disk or _large_gradients(runner, cfg.factorize), cfg.offload_dir)
             stack.callback(grads.close)
-            batch = runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size)
+            batch = dist.min_int(runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size))  # one for every rank
             factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
                             cfg.stats_cache, spectra, grads)
             grads.close()
@@ -259,6 +332,11 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             with stages("allocate"):
                 alloc = allocate(problem, cfg.allocate)
             del problem
+        if world.active:  # the last collective: every rank's timings go into rank 0's manifest
+            ranks_timings = dist.gather_object(dist.rank_record(stages.seconds), "per-rank timings")
+            if world.rank != 0:  # rank 0 builds, writes and evaluates; the others are done
+                return None, {"distributed": dist.describe(ranks_timings), "rank": world.rank,
+                              "ranks": dict(alloc.ranks)}
         writer = ShardWriter(cfg.out, cfg.overwrite) if (cfg.out or on_disk) else None
         if writer is not None:
             stack.callback(writer.abort)  # nothing half-written is left behind; a no-op after finish
@@ -293,6 +371,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                        for name, s in shapes.items()},
             "allocation": alloc.info,
         }
+        if world.active:
+            report["distributed"] = dist.describe(ranks_timings)
         if pivga_report is not None:
             from .pivga import record_in_manifest
 
@@ -309,7 +389,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             from .allocate.record import plot_ranks, ranks_document
 
             with stages("export"):
-                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio)
+                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio, cfg.pivga)
                 extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
                 _record_time(report, stages, t0)
                 writer.finish(runner, tokenizer, report, extra)

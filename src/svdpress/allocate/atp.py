@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .. import distributed as dist
 from ..errors import SvdpressError
 from . import Allocation, AllocationProblem, allocator
 from .common import block_index, fill_config, fit_budget, rank_at, step_of
@@ -52,10 +53,9 @@ def atp(p: AllocationProblem) -> Allocation:
     probe = get_probe(p, probe_config(cfg))
     headroom = min(p.ratio, 1 - p.ratio)
     betas = [2 * headroom * i / max(cfg.beta_steps, 1) for i in range(cfg.beta_steps + 1)]
-    tried = []
-    for beta in betas:
-        ranks = atp_ranks(p, beta, step)
-        tried.append((probe.loss(ranks)[cfg.metric], beta, ranks))
+    candidates = [atp_ranks(p, beta, step) for beta in betas]
+    losses = dist.map_items(candidates, lambda r: probe.loss(r)[cfg.metric], what="atp probes")  # across ranks
+    tried = list(zip(losses, betas, candidates))
     loss, beta, ranks = min(tried, key=lambda x: x[0])
     seconds = time.perf_counter() - t0
     return Allocation(ranks, {"beta": beta, "loss": loss, "metric": cfg.metric, "probes": len(betas),

@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
 from ..model.head import Head, gather_lse, topk_logprobs
@@ -305,6 +306,7 @@ def mean_kl(runner: "Runner", states: list[State], teacher: list[tuple[torch.Ten
         kl = topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx.to(z.device), t_logp.to(z.device))
         total += float(kl) * z.shape[0]
         n += z.shape[0]
+    total, n = dist.sum_floats([total, n], "fermigrad KL")  # each rank held its part of every batch
     return total / n
 
 
@@ -317,16 +319,22 @@ def train(problem: AllocationProblem, cfg: FermiGradConfig) -> dict[str, Any]:
         raise SvdpressError("fermigrad needs the model's runner and calibration samples (run it through compress())")
     windows = fermi_windows(problem.samples, cfg.samples, cfg.seqlen, problem.seed)
     t0 = time.perf_counter()
-    states = runner.embed(list(windows.split(cfg.batch_size)))
+    batches = list(windows.split(cfg.batch_size))
+    # DDP: under torchrun every rank takes its rows of every batch, weighs its mean KL by its share of the batch
+    # and the ∂KL/∂θ are all-reduced, so each step sees the gradient of the whole batch (one process's)
+    parts = [dist.shard(b, "fermigrad windows of a batch (batch_size)") for b in batches]
+    shares = [len(p) / len(b) for p, b in zip(parts, batches)]
+    states = runner.embed(parts)
     teacher = teacher_topk(runner, states, cfg.top_k)
     masks = FermiMasks(problem, cfg, initial_theta(problem, cfg))
-    run = _descend(masks, problem, cfg, states, teacher)
+    run = _descend(masks, problem, cfg, states, teacher, shares)
     run.update(windows=windows, states=states, teacher=teacher, masks=masks, train_s=time.perf_counter() - t0)
     return run
 
 
 def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig, states: list[State],
-             teacher: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+             teacher: list[tuple[torch.Tensor, torch.Tensor]], shares: Optional[list[float]] = None
+             ) -> dict[str, Any]:
     """Normalized momentum descent on θ: v ← β·v + g, θ ← θ − η_t·v/rms(v), clipped to the box.
 
     Not Adam: Adam divides every coordinate by its own gradient scale, so while the budget penalty dominates all
@@ -335,7 +343,9 @@ def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig
     information FermiGrad exists to use; η_t (cosine from lr to lr·lr_final) is the RMS step of θ.
 
     Step t takes one batch (every batch once per epoch, in a seeded order); ∂KL/∂θ is θ.grad after
-    `Runner.backward`, which back-propagates through every block with the masks in place."""
+    `Runner.backward`, which back-propagates through every block with the masks in place. `shares[b]`: this
+    rank's fraction of batch b's windows under torchrun (its KL is weighted by it, the gradients and KLs summed
+    over ranks); None or all 1 in one process."""
     runner, device, theta, target = problem.runner, problem.device, masks.theta, problem.target
     names, shapes, scales = masks.names, list(problem.shapes.values()), masks.scales
     head = runner.head
@@ -350,14 +360,20 @@ def _descend(masks: FermiMasks, problem: AllocationProblem, cfg: FermiGradConfig
     for step in bar:
         t_idx, t_logp = (t.to(device) for t in teacher[order[step]])
 
+        share = 1.0 if shares is None else shares[order[step]]
+
         def loss_fn(_j: int, h: torch.Tensor) -> torch.Tensor:
             z = runner.final(h)
-            return topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx, t_logp)
+            kl = topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx, t_logp)
+            return kl if share == 1.0 else kl * share
 
         theta.grad = None
         kl = runner.backward([states[order[step]]], loss_fn, overrides=masks.overrides())
         g_kl = theta.grad.detach().clone() if theta.grad is not None else torch.zeros_like(theta)
         theta.grad = None
+        if dist.active():  # DDP: the batch's gradient and KL are the sums of the ranks' weighted parts
+            dist.all_reduce_sum([g_kl], "fermigrad gradient")
+            kl = dist.sum_floats([kl], "fermigrad KL")[0]
         count = total_smooth_params(theta, scales, shapes, cfg.temperature, problem.counting)
         x = (count - target) / target
         penalty = rho * x ** 2  # ρ·((N(μ) − N_t)/N_t)²

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .. import distributed as dist
 from ..errors import SvdpressError
 from . import Allocation, AllocationProblem, allocator
 from .common import block_index, candidate_ranks, fill_config, rank_at
@@ -147,10 +148,13 @@ def _solve(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction):
 def _tune(p: AllocationProblem, cfg: LemsConfig, G, step, min_fraction) -> tuple[LemsConfig, dict]:
     """(α, γ) from a small grid by the KL of the whole truncated model (the repository tunes them with Optuna)."""
     probe = get_probe(p, probe_config(cfg))
-    trials = {}
-    for a, g in itertools.product(cfg.tune_alphas, cfg.tune_gammas):
-        ranks, _, _ = _solve(p, replace(cfg, alpha=float(a), gamma=float(g)), G, step, min_fraction)
-        trials[(float(a), float(g))] = probe.loss(ranks)["kl"]
+    grid = [(float(a), float(g)) for a, g in itertools.product(cfg.tune_alphas, cfg.tune_gammas)]
+
+    def trial(ag: tuple[float, float]) -> float:
+        ranks, _, _ = _solve(p, replace(cfg, alpha=ag[0], gamma=ag[1]), G, step, min_fraction)
+        return probe.loss(ranks)["kl"]
+
+    trials = dict(zip(grid, dist.map_items(grid, trial, what="lems tuning")))  # grid points across ranks
     a, g = min(trials, key=trials.get)
     return replace(cfg, alpha=a, gamma=g), {f"alpha={k[0]},gamma={k[1]}": v for k, v in trials.items()}
 

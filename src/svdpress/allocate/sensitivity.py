@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..errors import SvdpressError
 from ..factorize import LayerSpectrum
 from ..model.head import Head
@@ -262,10 +263,23 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
         jobs = [(f, name) for f in todo for name in problem.shapes]
         per_f: dict[float, dict[str, dict[str, float]]] = {f: {} for f in todo}
         timing = {f: setup / len(todo) for f in todo}
-        for f, name in tqdm(jobs, desc="sensitivity", unit="probe", disable=not problem.progress):
+        bar = tqdm(total=len(jobs), desc="sensitivity", unit="probe", disable=not problem.progress)
+
+        def measure(job: tuple[float, str]) -> tuple[dict[str, float], float]:
+            f, name = job
             t = time.perf_counter()
-            per_f[f][name] = probe.loss({name: rank_at(problem.shapes[name], f, 1, problem.counting)})
-            timing[f] += time.perf_counter() - t
+            loss = probe.loss({name: rank_at(problem.shapes[name], f, 1, problem.counting)})
+            bar.update()
+            return loss, time.perf_counter() - t
+
+        # under torchrun the layers are divided among ranks (a probe runs blocks b..L−1: cost L − b), every rank
+        # gets every measurement; in one process this is the plain loop
+        L = len(probe.runner.blocks)
+        costs = [float(L - probe.block_of(name)) for _, name in jobs]
+        for (f, name), (loss, secs) in zip(jobs, dist.map_items(jobs, measure, costs, "sensitivity probes")):
+            per_f[f][name] = loss
+            timing[f] += secs
+        bar.close()
         for f in todo:
             problem.cache[_key(problem, cfg, f)] = (per_f[f], timing[f], len(per_f[f]))
             for name, v in per_f[f].items():
