@@ -144,7 +144,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the ranks.json of a previous run (implies --allocate load)")
     p.add_argument("--ratio", type=float, default=d.ratio,
                    help="kept fraction of the decoder linear layers' parameters, in (0, 1]")
-    p.add_argument("--calib", default=d.calib, help="calibration text: wiki, c4, tiny, code or a file (first half)")
+    p.add_argument("--calib", default=d.calib, help="calibration text (first half): wiki, c4, tiny, code, multilingual, technical or a file; "
+                        "or a mixture, e.g. wiki:0.5,code:0.3,multilingual:0.2")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--calib-batch-size", type=int, default=d.calib_batch_size)
@@ -455,6 +456,22 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """svdpress's own warnings (a mixture normalized, a stats cache rebuilt) as one `svdpress: warning:` line each,
+    not Python's two-line file:line format; other libraries' warnings keep theirs."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "svdpress" in str(filename) and issubclass(category, UserWarning):
+            print(f"svdpress: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def _terminate(_signum, _frame):
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders go, nothing half-written stays
 
@@ -464,6 +481,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    _one_line_warnings()
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)

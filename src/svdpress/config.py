@@ -76,7 +76,7 @@ class CompressConfig:
         """Every setting checked before anything heavy (the model is not loaded yet); returns self. The
         allocation method's parsed settings are kept in `self.allocation_settings`."""
         from .allocate import check_options, check_ratio
-        from .data import resolve_text
+        from .data import check_sources
         from .factorize import FACTORIZERS
 
         check_ratio(self.ratio)
@@ -102,7 +102,7 @@ class CompressConfig:
         if self.offload_dir is not None and not Path(self.offload_dir).is_dir():
             raise SvdpressError(f"--offload-dir {self.offload_dir} does not exist")
         if self.ratio < 1:
-            resolve_text(self.calib)
+            check_sources(self.calib)  # one text, or a mixture `wiki:0.5,code:0.5`
         if self.eval is not None:
             self.eval.validate()
         return self

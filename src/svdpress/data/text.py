@@ -6,13 +6,19 @@ which finds a top-level package without executing it.
 
 Every text is cut once, at a paragraph boundary near its middle: the first half feeds calibration, the second
 half evaluation, so a perplexity is never measured on text the compression has seen.
+
+Calibration may mix texts: `wiki:0.5,code:0.3,multilingual:0.2` (names or files, each with its share of the
+samples; `wiki,code` splits them evenly). The FermiGrad paper's finding is that the calibration data decides which
+knowledge survives compression, so the mixture is the user's lever on it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +108,74 @@ def _tokens(tokenizer, name: str, part: str) -> tuple[torch.Tensor, TextPart]:
     return ids, TextPart(Path(name).name if name not in TEXT_NAMES else name, part, len(text))
 
 
+_WEIGHT = re.compile(r"^(.*):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+def parse_sources(spec: str, warn: bool = True) -> list[tuple[str, float]]:
+    """[(text, share)] of a calibration spec: one text (`wiki`, a file), or a comma list of texts each with an
+    optional `:weight` (missing weights: even shares). Weights that do not sum to 1 are normalized, with a warning.
+    Texts are not opened here (see `check_sources`)."""
+    if "," not in spec and not _WEIGHT.match(spec):
+        return [(spec, 1.0)]
+    parts = []
+    for item in spec.split(","):
+        item = item.strip()
+        m = _WEIGHT.match(item)
+        name, w = (m.group(1), float(m.group(2))) if m else (item, None)
+        if not name:
+            raise SvdpressError(f"calibration mixture {spec!r}: an entry has no text name ({item!r})")
+        parts.append((name, w))
+    names = [n for n, _ in parts]
+    if len(set(names)) < len(names):
+        raise SvdpressError(f"calibration mixture {spec!r} names a text twice")
+    given = [w for _, w in parts if w is not None]
+    if given and len(given) < len(parts):
+        raise SvdpressError(f"calibration mixture {spec!r}: give a weight to every text or to none")
+    weights = [w if w is not None else 1.0 for _, w in parts]
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise SvdpressError(f"calibration mixture {spec!r}: weights must be positive")
+    total = sum(weights)
+    if warn and given and abs(total - 1) > 1e-6:
+        warnings.warn(f"calibration mixture {spec!r}: weights sum to {total:g}, normalized to 1", stacklevel=2)
+    return [(n, w / total) for n, w in zip(names, weights)]
+
+
+def check_sources(spec: str) -> list[tuple[str, float]]:
+    """`parse_sources`, with every text resolved (a clear error for an unknown name or a missing file)."""
+    parts = parse_sources(spec)
+    for name, _ in parts:
+        resolve_text(name)
+    return parts
+
+
+def shares(n: int, weights: list[float]) -> list[int]:
+    """n samples apportioned to the weights (largest remainder; ties to the earlier text), summing to n."""
+    raw = [n * w for w in weights]
+    out = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: (-(raw[i] - out[i]), i))[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def calibration_samples(tokenizer, name: str, n: int, seqlen: int, seed: int = 0) -> tuple[torch.Tensor, TextPart]:
-    """`n` windows of `seqlen` tokens drawn at seeded random offsets from the calibration half: (n, seqlen)."""
+    """`n` windows of `seqlen` tokens drawn at seeded random offsets from the calibration half: (n, seqlen).
+    A mixture (`parse_sources`) draws each text's share of the n windows from that text, in the order given."""
     if n < 1 or seqlen < 2:
         raise SvdpressError(f"calibration needs at least 1 sample of 2 tokens (got {n} x {seqlen})")
+    parts = parse_sources(name, warn=False)  # warned about once, when the config was checked
+    if len(parts) == 1:
+        return _windows(tokenizer, parts[0][0], n, seqlen, seed)
+    rows, chars = [], 0
+    for i, ((text, _), k) in enumerate(zip(parts, shares(n, [w for _, w in parts]))):
+        ids, info = _windows(tokenizer, text, max(k, 1), seqlen, seed + 1000 * i)
+        chars += info.chars
+        if k:
+            rows.append(ids)
+    label = ",".join(f"{Path(t).name if t not in TEXT_NAMES else t}:{w:.3g}" for t, w in parts)
+    return torch.cat(rows), TextPart(label, "calib", chars)
+
+
+def _windows(tokenizer, name: str, n: int, seqlen: int, seed: int) -> tuple[torch.Tensor, TextPart]:
     ids, info = _tokens(tokenizer, name, "calib")
     if len(ids) < seqlen + 1:
         raise SvdpressError(f"calibration text {name!r} has {len(ids)} tokens in its calibration half, fewer than "
