@@ -4,8 +4,9 @@ failing rank ends the whole run with one clear error.
 The two ranks are spawned once (torch.multiprocessing) with the environment torchrun sets (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and run the CLI itself (`svdpress.cli.main`), so the process group is
 joined exactly as under `torchrun -m svdpress compress`. They run four compressions in a row (a fresh port and
-process group each): svd-llm+uniform, kfac+lems, svd-llm+fermigrad, then one where rank 1 fails while
-factorizing. This test process runs the same three commands alone as the reference.
+process group each): svd-llm+uniform, kfac+lems (with --eval: perplexity and piqa, scored by both ranks),
+svd-llm+fermigrad, then `svdpress eval` of the dense model, then one where rank 1 fails while factorizing. This
+test process runs the same commands alone as the reference.
 """
 
 from __future__ import annotations
@@ -42,8 +43,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tasks() -> list[str]:
+    """piqa where the offline task data is installed: 5 documents, an odd count, so lm-eval pads rank 1's share."""
+    from svdpress.evaluate.tasks.local_data import data_root
+
+    return ["piqa"] if data_root() is not None else []
+
+
+SCORING = ["--seqlen", "48", "--ppl-limit", "1000", "--task-limit", "5"]  # several windows and a short tail
+
+
 def _argv(model_dir: str, text: str, run: str, out: Path) -> list[str]:
-    return ["compress", "--model", model_dir, "--calib", text, *COMMON, *RUNS[run], "--out", str(out)]
+    argv = ["compress", "--model", model_dir, "--calib", text, *COMMON, *RUNS[run], "--out", str(out)]
+    if run == "kfac+lems":  # --eval under torchrun: every rank builds the model and scores its share
+        argv += ["--eval", ",".join([f"ppl:{text}", *_tasks()]), *SCORING]
+    return argv
+
+
+def _eval_argv(model_dir: str, text: str, out: Path) -> list[str]:
+    tasks = ["--tasks", *_tasks()] if _tasks() else []
+    return ["eval", model_dir, "--ppl", text, *tasks, *SCORING, "--no-progress", "--dist-timeout", "60",
+            "--json", str(out)]
 
 
 def _worker(rank: int, world: int, jobs: list, results: str) -> None:
@@ -82,6 +102,7 @@ def two_ranks(tiny_model_dir, text_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     jobs = [(name, _argv(tiny_model_dir, text_file, name, base / f"two-{i}"), _free_port(), False)
             for i, name in enumerate(RUNS)]
+    jobs.append(("eval", _eval_argv(tiny_model_dir, text_file, base / "eval-two.json"), _free_port(), False))
     jobs.append(("fail", _argv(tiny_model_dir, text_file, "svd-llm+uniform", base / "two-fail"), _free_port(), True))
     ctx = mp.start_processes(_worker, args=(2, jobs, str(base)), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
@@ -102,6 +123,7 @@ def one_rank(tiny_model_dir, text_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("single")
     for i, name in enumerate(RUNS):
         assert main(_argv(tiny_model_dir, text_file, name, base / f"one-{i}")) == 0
+    assert main(_eval_argv(tiny_model_dir, text_file, base / "eval-one.json")) == 0
     return base
 
 
@@ -138,6 +160,39 @@ def test_two_ranks_same_ranks_and_logits(two_ranks, one_rank, calib, i, run):
         mu1, mu2 = single["allocation"]["mu"], manifest["allocation"]["mu"]
         assert all(abs(mu1[n] - mu2[n]) <= 2e-3 for n in mu1), (mu1, mu2)
         assert manifest["allocation"]["final_kl"] == pytest.approx(single["allocation"]["final_kl"], rel=1e-4)
+
+
+def _same_scores(two: dict, one: dict) -> None:
+    """Perplexity within 1e-6 (only the grouping of float64 sums differs) and the same zero-shot documents
+    and accuracies as one process."""
+    assert two["ppl"].keys() == one["ppl"].keys() and one["ppl"]
+    for name, rec in one["ppl"].items():
+        assert two["ppl"][name]["tokens"] == rec["tokens"]
+        assert two["ppl"][name]["ppl"] == pytest.approx(rec["ppl"], rel=1e-6)
+        windows = -(-min(rec["tokens"], 1000) // 48)
+        assert "windows_per_rank" not in rec and two["ppl"][name]["windows_per_rank"] == [
+            -(-windows // 2), windows // 2]  # the work was divided, not repeated
+    assert (two.get("tasks") or {}).keys() == (one.get("tasks") or {}).keys()
+    for task, rec in (one.get("tasks") or {}).items():
+        assert two["tasks"][task]["n"] == rec["n"] == 5  # every document scored once, the padding dropped
+        for metric in ("acc", "acc_norm"):
+            assert two["tasks"][task][metric] == pytest.approx(rec[metric], abs=1e-12)
+        per_rank = two["tasks"][task]["requests_per_rank"]  # piqa: 2 choices per document, 3 + 2 padded to 3
+        assert per_rank == [6, 6], per_rank
+
+
+def test_eval_under_torchrun_scores_like_one_process(two_ranks, one_rank):
+    results, base = two_ranks
+    for r in range(2):
+        assert results[r]["eval"]["rc"] == 0, results[r]["eval"]["stderr"]
+    two = json.loads((base / "eval-two.json").read_text())
+    _same_scores(two, json.loads((one_rank / "eval-one.json").read_text()))
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # compress --eval: both ranks built the model, scored their shares, and rank 0 wrote one manifest
+    i = list(RUNS).index("kfac+lems")
+    two_m = json.loads((base / f"two-{i}" / "svdpress.json").read_text())
+    _same_scores(two_m["eval"], json.loads((one_rank / f"one-{i}" / "svdpress.json").read_text())["eval"])
+    assert all(x["timings_s"].get("evaluate", 0) > 0 for x in two_m["distributed"]["ranks"])
 
 
 def test_failing_rank_stops_every_rank_with_one_clear_error(two_ranks):

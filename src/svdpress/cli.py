@@ -254,6 +254,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_eval_args(p)
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other ranks")
 
 
 @subcommand("eval", _eval_args)
@@ -263,13 +265,24 @@ def _eval(a: argparse.Namespace) -> int:
     from .models import load_model
     from .table import table
 
+    from dataclasses import replace
+
+    from . import distributed
+
     ppl = a.ppl if a.ppl is not None else (() if a.tasks else ("wiki",))
     cfg = eval_config(a, ppl, a.tasks)
     placement = placement_of(a)
-    model, tok, src = load_model(a.target, placement.dtype, "cpu", lazy=placement.offload != "none")
-    with Runner(model, placement, src.tensors) as runner:
-        res = evaluate(runner, tok, cfg, not a.no_progress)
-        res["placement"] = runner.describe()
+    # torchrun: every rank loads the model and scores its share of the windows and documents (see evaluate/)
+    with distributed.session(placement.device, a.dist_timeout) as world:
+        placement = replace(placement, device=distributed.local_device(placement.device))
+        model, tok, src = load_model(a.target, placement.dtype, "cpu", lazy=placement.offload != "none")
+        with Runner(model, placement, src.tensors) as runner:
+            res = evaluate(runner, tok, cfg, not a.no_progress)
+            res["placement"] = runner.describe()
+    if world.rank != 0:  # rank 0 prints and writes
+        return 0
+    if world.active:
+        res["distributed"] = world.describe()
     res["model"] = a.target
     from .report import model_identity
 
@@ -487,12 +500,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)
         pass
     try:
-        if args.command != "compress":
+        if args.command not in ("compress", "eval"):
             from .distributed import from_env
 
             if from_env():
-                raise SvdpressError(f"only `svdpress compress` runs across several processes; run "
-                                    f"`svdpress {args.command}` without torchrun")
+                raise SvdpressError(f"only `svdpress compress` and `svdpress eval` run across several processes; "
+                                    f"run `svdpress {args.command}` without torchrun")
         return args.run(args)
     except SvdpressError as e:
         print(f"svdpress: error: {e}", file=sys.stderr)

@@ -242,13 +242,15 @@ def min_int(value: int, what: str = "agree") -> int:
 # ---- sharding -----------------------------------------------------------------------------------------------
 
 
-def shard(items: Sequence[T], what: str = "items") -> list[T]:
-    """This rank's contiguous share of `items` (a list, or a tensor's rows; sizes differ by at most one). Every rank must get at least one:
-    an empty share would have nothing to add to the sums and nothing to learn the model's layer groups from."""
+def shard(items: Sequence[T], what: str = "items", allow_empty: bool = False) -> list[T]:
+    """This rank's contiguous share of `items` (a list, or a tensor's rows; sizes differ by at most one). For
+    calibration every rank must get at least one: an empty share would have nothing to add to the sums and
+    nothing to learn the model's layer groups from. Evaluation (`allow_empty`) only adds sums, so a rank may
+    have nothing to score."""
     w = world()
     if not w.active:
         return items if isinstance(items, torch.Tensor) else list(items)
-    if len(items) < w.size:
+    if len(items) < w.size and not allow_empty:
         raise SvdpressError(f"{len(items)} {what} cannot be shared by {w.size} processes: give at least "
                             f"{w.size} (or run fewer processes)")
     base, extra = divmod(len(items), w.size)

@@ -332,12 +332,15 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             with stages("allocate"):
                 alloc = allocate(problem, cfg.allocate)
             del problem
-        if world.active:  # the last collective: every rank's timings go into rank 0's manifest
-            ranks_timings = dist.gather_object(dist.rank_record(stages.seconds), "per-rank timings")
-            if world.rank != 0:  # rank 0 builds, writes and evaluates; the others are done
-                return None, {"distributed": dist.describe(ranks_timings), "rank": world.rank,
-                              "ranks": dict(alloc.ranks)}
-        writer = ShardWriter(cfg.out, cfg.overwrite) if (cfg.out or on_disk) else None
+        # under torchrun rank 0 builds and writes; with --eval every rank builds too and scores its share
+        helper_builds = world.active and cfg.eval is not None
+        dist_record = None
+        if world.active and not helper_builds:
+            dist_record, done = _gather_timings(world, stages, alloc)
+            if done is not None:
+                return done
+        writing = cfg.out if world.rank == 0 else None
+        writer = ShardWriter(writing, cfg.overwrite) if (writing or on_disk) else None
         if writer is not None:
             stack.callback(writer.abort)  # nothing half-written is left behind; a no-op after finish
         with stages("build"):
@@ -371,8 +374,6 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                        for name, s in shapes.items()},
             "allocation": alloc.info,
         }
-        if world.active:
-            report["distributed"] = dist.describe(ranks_timings)
         if pivga_report is not None:
             from .pivga import record_in_manifest
 
@@ -383,6 +384,12 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
 
             with stages("evaluate"):
                 report["eval"] = evaluate(runner, tokenizer, cfg.eval, cfg.progress)
+        if helper_builds:
+            dist_record, done = _gather_timings(world, stages, alloc)
+            if done is not None:
+                return done
+        if dist_record is not None:
+            report["distributed"] = dist_record
         if cfg.out:
             import json
 
@@ -404,6 +411,15 @@ def _record_time(report: dict, stages: Stages, t0: float) -> None:
     report["memory"] = {"stages": stages.peaks.stages, "peak": stages.peaks.overall(),
                         "note": "cpu_rss_peak_mb: resident set of the process, sampled while the stage ran; "
                                 "gpu_peak_mb: torch.cuda.max_memory_allocated during the stage"}
+
+
+def _gather_timings(world, stages: Stages, alloc) -> tuple[dict, Optional[tuple[None, dict]]]:
+    """The last collective of a distributed run: every rank's timings, for rank 0's manifest. Rank 0 goes on
+    to write (second item None); the other ranks are done and return the second item."""
+    record = dist.describe(dist.gather_object(dist.rank_record(stages.seconds), "per-rank timings"))
+    if world.rank == 0:
+        return record, None
+    return record, (None, {"distributed": record, "rank": world.rank, "ranks": dict(alloc.ranks)})
 
 
 def evaluate_model(model_or_runner, tokenizer, cfg: EvalConfig, device: str = "cpu", progress: bool = True) -> dict:

@@ -7,17 +7,22 @@ The model runs through the `Runner`, which owns placement: windows are embedded 
 and a group of batches (≤ `GROUP_WINDOWS` windows, ≤ `GROUP_BYTES` of hidden states) goes through the decoder
 block by block (`runner.forward`), so a streamed model reads each block once per group. After the final norm
 the token NLL comes from the chunked-vocabulary head (`head.nll_sum`, float32 logits, never all at once).
+
+Under torchrun the batches are shared among the ranks (contiguous shares; a rank may have none) and the NLL sums
+and token counts are added over ranks in float64: the same windows are scored as in one process, and only the
+grouping of the float64 additions differs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..data import evaluation_tokens
 from ..model.head import nll_sum
 
@@ -113,14 +118,16 @@ class _Scorer:
 
 @torch.no_grad()
 def perplexity(runner: "Runner", tokens: torch.Tensor, seqlen: int, batch_size: int = 1,
-               progress: bool = True, desc: str = "ppl") -> float:
+               progress: bool = True, desc: str = "ppl", record: Optional[dict] = None) -> float:
     """exp of the mean next-token NLL over non-overlapping windows of `seqlen` tokens (a shorter tail window
     is kept when it has at least 2 tokens), computed through `runner` without moving the model."""
     xs = batches(windows(tokens, seqlen), max(1, batch_size))
     if not xs:
         raise ValueError("perplexity needs at least 2 tokens")
+    xs = dist.shard(xs, "perplexity batches", allow_empty=True)  # torchrun: each rank scores its share
     scorer = _Scorer(runner)
-    with tqdm(total=sum(x.shape[0] for x in xs), desc=desc, disable=not progress, leave=False, unit="win") as bar:
+    with tqdm(total=sum(x.shape[0] for x in xs), desc=desc, disable=not progress or not dist.is_main(),
+              leave=False, unit="win") as bar:
         for group in groups(runner, xs):
             outs = runner.forward(runner.embed(group))
             for x, out in zip(group, outs):
@@ -128,7 +135,10 @@ def perplexity(runner: "Runner", tokens: torch.Tensor, seqlen: int, batch_size: 
             del outs
             bar.update(sum(x.shape[0] for x in group))
     scorer.flush()
-    return math.exp(scorer.nll / scorer.count)
+    nll, count = dist.sum_floats([scorer.nll, scorer.count], "perplexity sums")  # float64 over ranks
+    if record is not None and dist.active():  # the work each rank did
+        record["windows_per_rank"] = dist.gather_object(sum(x.shape[0] for x in xs), "perplexity shares")
+    return math.exp(nll / count)
 
 
 def text_perplexity(runner: "Runner", tokenizer, name: str, seqlen: int | None = None, limit: int | None = None,
@@ -138,5 +148,7 @@ def text_perplexity(runner: "Runner", tokenizer, name: str, seqlen: int | None =
     seqlen = seqlen or 2048
     seqlen = min(seqlen, max_len) if max_len else seqlen
     tokens, part = evaluation_tokens(tokenizer, name, limit)
-    ppl = perplexity(runner, tokens, seqlen, batch_size, progress, desc=f"ppl {name}")
-    return {"text": name, "ppl": ppl, "tokens": int(tokens.numel()), "seqlen": seqlen, "part": part.describe()}
+    shares: dict = {}
+    ppl = perplexity(runner, tokens, seqlen, batch_size, progress, desc=f"ppl {name}", record=shares)
+    return {"text": name, "ppl": ppl, "tokens": int(tokens.numel()), "seqlen": seqlen, "part": part.describe(),
+            **shares}

