@@ -2,6 +2,13 @@
 
     PYTHONPATH=src python bench/speed.py --ratios 0.8,0.6 --repeats 5 --device auto --dtype bfloat16
     PYTHONPATH=src python bench/speed.py --models out/smol80,out/smol80-pivga      # saved compressed models
+    PYTHONPATH=src python bench/speed.py --shape llama-3-8b --ratios 0.6 --device cuda --dtype bf16 \
+        --decode-batches 1,16 --compile                                          # a real shape, no download
+
+`--shape NAME` builds a random-weight model from a published config (SHAPES: SmolLM2-135M, Llama-3.2-1B,
+Llama-3-8B, Qwen3-8B, Mistral-7B) directly on the device in the measured dtype, with Gaussian factors of the
+allocated ranks (`--factorize random`): speed and memory do not depend on the values, so no download and no
+calibration are needed.
 
 Spectra are computed once (one calibration), and every ratio is built from a fresh copy of the dense weights;
 the PivGa variant of a ratio is the same factors gauge-fixed (`apply_pivga`), so the pair differs only in the
@@ -10,7 +17,10 @@ shared machine hit every variant alike; each figure is the median over --repeats
 
 Prefill: forward over batch × seqlen random tokens with `logits_to_keep=1` (what serving does: only the last
 position's logits), tokens/s = batch·seqlen / time. Decode: a 32-token prompt, then --new-tokens greedy steps
-with the KV cache, tokens/s = new tokens / time of the steps. Memory: weights (parameters + buffers, tied
+with the KV cache (a static cache by default, as compiled serving uses; `--cache dynamic` for transformers'
+default), at each --decode-batches size, tokens/s = batch · new tokens / time of the steps. `--compile` compiles
+every variant (`svdpress.compiled.compile_model`; `--compile-mode reduce-overhead` for CUDA graphs), falling
+back with one line where the compiler is unavailable; the JSON records what ran. Memory: weights (parameters + buffers, tied
 tensors once) and peak = weights + the run's working memory (GPU: max_memory_allocated above the resident
 baseline; CPU: peak RSS sampled by psutil during the run above the RSS before it — allocator reuse can hide
 some of it, so CPU peaks are approximate).
@@ -37,6 +47,37 @@ from svdpress.config import resolve_device, torch_dtype  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# published configs (the model cards' config.json), for random-weight models of real shapes
+SHAPES: dict[str, tuple[str, dict]] = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                               max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None,
+                                   tie_word_embeddings=False)),
+}
+
+
+def shape_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
+    """A random-weight model of a published shape, built directly on `device` in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kw = SHAPES[name]
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 def sync(device: str) -> None:
@@ -96,9 +137,14 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
 
-def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: str) -> float:
+def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: str, static: bool = True) -> float:
     """Greedy decoding with the KV cache; returns the seconds of the `new_tokens` steps (prompt excluded)."""
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    past = None
+    if static:
+        from transformers import StaticCache
+
+        past = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
+    out = model(input_ids=prompt, past_key_values=past, use_cache=True, logits_to_keep=1)
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     sync(device)
     t = time.perf_counter()
@@ -169,7 +215,10 @@ def build_variants(a: argparse.Namespace, device: str) -> tuple[dict[str, nn.Mod
     from svdpress.pipeline import Timer, build, factorize_model
     from svdpress.pivga import apply_pivga
 
-    dense, tok, _ = load_model(a.model, torch.float32, "cpu")
+    if a.shape:
+        dense = shape_model(a.shape, device, a.build_dtype)
+    else:
+        dense, tok, _ = load_model(a.model, torch.float32, "cpu")
     variants, info = {"dense": dense}, {"dense": {"linear_ratio": 1.0}}
     if a.models:
         for d in a.models:
@@ -212,7 +261,8 @@ def check_lossless(variants: dict[str, nn.Module], info: dict[str, dict], length
         for v, m in variants.items():
             twin = variants.get(v.replace("pivga@", "svd@")) if v.startswith("pivga@") else None
             if twin is not None:
-                ref, got = twin(input_ids=ids).logits, m(input_ids=ids).logits
+                x = ids.to(next(m.parameters()).device)
+                ref, got = twin(input_ids=x).logits.float(), m(input_ids=x).logits.float()
                 info[v]["logits_rel_diff_vs_svd"] = float((got - ref).norm() / ref.norm())
                 print(f"{v}: logits relative difference vs svd {info[v]['logits_rel_diff_vs_svd']:.2e}",
                       file=sys.stderr)
@@ -221,6 +271,8 @@ def check_lossless(variants: dict[str, nn.Module], info: dict[str, dict], length
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="a random-weight model of this published shape instead of --model (implies --factorize random)")
     p.add_argument("--models", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="saved compressed model directories to measure instead of building variants")
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 0.6])
@@ -233,8 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="speed does not depend on the factor values; few samples keep the one calibration short")
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--prefill", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x],
-                   default=[(1, 512), (8, 512)], help="BATCHxSEQLEN,... (empty string: skip)")
+                   default=[(1, 512), (8, 512), (1, 4096)], help="BATCHxSEQLEN,... (empty string: skip)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding steps (0: skip)")
+    p.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[1],
+                   help="decode batch sizes, e.g. 1,16")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache for decoding")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (falls back with a warning)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
@@ -242,7 +299,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default="bench/results/speed.json")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.shape:
+        a.factorize = "random"  # no real weights to calibrate on: Gaussian factors of the allocated ranks
+    return a
 
 
 def main(argv=None) -> int:
@@ -252,11 +312,19 @@ def main(argv=None) -> int:
     device = resolve_device(a.device)
     dtype_name = DTYPE_ALIASES.get(a.dtype, a.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = torch_dtype(dtype_name)
+    a.build_dtype = dtype  # --shape models are built on the device in the measured dtype (an 8B in fp32 is 32 GB)
     torch.manual_seed(0)
     variants, info = build_variants(a, device)
     check_lossless(variants, info)
     for m in variants.values():
         m.to(device=device, dtype=dtype).eval()
+    compiled = {}
+    if a.compile:
+        from svdpress.compiled import compile_model
+
+        for v, m in variants.items():
+            variants[v], why = compile_model(m, a.compile_mode)
+            compiled[v] = "compiled" if why is None else f"uncompiled: {why}"
     vocab = variants["dense"].config.vocab_size
     g = torch.Generator().manual_seed(0)
     results: dict[str, dict] = {v: {"weights_mb": weight_bytes(m) / 2**20, **info[v]} for v, m in variants.items()}
@@ -266,15 +334,17 @@ def main(argv=None) -> int:
         r = measure(variants, key, lambda m: timed(lambda: prefill(m, ids), device), b * L, a.repeats, device)
         for v in variants:
             results[v][key] = r[v]
-    if a.new_tokens:
-        prompt = torch.randint(0, vocab, (1, a.prompt_len), generator=g).to(device)
-        r = measure(variants, "decode", lambda m: decode(m, prompt, a.new_tokens, device), a.new_tokens,
-                    a.repeats, device)
+    for b in (a.decode_batches if a.new_tokens else []):
+        prompt = torch.randint(0, vocab, (b, a.prompt_len), generator=g).to(device)
+        key = f"decode_{b}x{a.new_tokens}"
+        r = measure(variants, key, lambda m: decode(m, prompt, a.new_tokens, device, a.cache == "static"),
+                    b * a.new_tokens, a.repeats, device)
         for v in variants:
-            results[v][f"decode_{a.new_tokens}"] = r[v]
+            results[v][key] = r[v]
     doc = {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-           "dtype": dtype_name, "threads": torch.get_num_threads(), "repeats": a.repeats, "model": a.model,
-           "factorize": a.factorize, "allocate": a.allocate, "results": results}
+           "dtype": dtype_name, "threads": torch.get_num_threads(), "repeats": a.repeats,
+           "model": a.shape or a.model, "factorize": a.factorize, "allocate": a.allocate, "cache": a.cache,
+           "compile": compiled or None, "results": results}
     add_ratios(doc)
     print(render(doc))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,19 @@ def compress(model_or_id=None, config=None, tokenizer=None, **overrides):
     return _compress(model_or_id, config, tokenizer=tokenizer, **overrides)
 
 
-def load(path: str, dtype: str = "float32", device: str = "cpu"):
-    """Load a compressed (or any) model directory; returns (model, tokenizer)."""
+def load(path: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
+         compile_mode: str | None = None):
+    """Load a compressed (or any) model directory; returns (model, tokenizer). `compile=True` compiles its
+    forward with torch.compile (`compile_mode` e.g. "reduce-overhead" for CUDA graphs in decode); where the
+    compiler is unavailable it warns in one line and returns the model uncompiled (see compiled.py)."""
     from .config import torch_dtype
     from .models import load_model
 
     model, tokenizer, _ = load_model(path, torch_dtype(dtype), device)
+    if compile:
+        from .compiled import compile_model
+
+        model, _ = compile_model(model, compile_mode)
     return model, tokenizer
 
 
