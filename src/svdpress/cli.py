@@ -144,8 +144,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the ranks.json of a previous run (implies --allocate load)")
     p.add_argument("--ratio", type=float, default=d.ratio,
                    help="kept fraction of the decoder linear layers' parameters, in (0, 1]")
-    p.add_argument("--calib", default=d.calib, help="calibration text (first half): wiki, c4, tiny, code, multilingual, technical or a file; "
-                        "or a mixture, e.g. wiki:0.5,code:0.3,multilingual:0.2")
+    p.add_argument("--calib", default=d.calib, help="calibration text (first half): wiki, c4, tiny, code, multilingual, technical, a file, "
+                        "or task:mmlu (its unscored questions as lm-eval prompts them); or a mixture, "
+                        "e.g. wiki:0.5,code:0.3,task:mmlu:0.2")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--calib-batch-size", type=int, default=d.calib_batch_size)

@@ -8,7 +8,8 @@ Every text is cut once, at a paragraph boundary near its middle: the first half 
 half evaluation, so a perplexity is never measured on text the compression has seen.
 
 Calibration may mix texts: `wiki:0.5,code:0.3,multilingual:0.2` (names or files, each with its share of the
-samples; `wiki,code` splits them evenly). The FermiGrad paper's finding is that the calibration data decides which
+samples; `wiki,code` splits them evenly). `task:mmlu` is a text made of a task's unscored examples, written as
+lm-eval prompts them (data/tasks.py). The FermiGrad paper's finding is that the calibration data decides which
 knowledge survives compression, so the mixture is the user's lever on it.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SvdpressError
+from .tasks import is_task_source, task_text
 
 TEXT_NAMES = ("wiki", "c4", "tiny", "code", "multilingual", "technical")
 _PACKAGE_DIR = ("exllamav2", "conversion/standard_cal_data")
@@ -53,14 +55,18 @@ def _package_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
-def resolve_text(name: str) -> Path:
-    """A named text's file, or a local file path."""
+def resolve_text(name: str) -> Path | str:
+    """A named text's file, a local file path, or a `task:NAME` source (checked: see data/tasks.py)."""
+    if is_task_source(name):
+        task_text(name)
+        return name
     if name in TEXT_NAMES:
         path = _package_data_dir() / f"{name}.utf8"
     else:
         path = Path(os.path.expanduser(name))
         if not path.is_file():
-            raise SvdpressError(f"unknown text {name!r}: use one of {', '.join(TEXT_NAMES)} or a path to a text file")
+            raise SvdpressError(f"unknown text {name!r}: use one of {', '.join(TEXT_NAMES)}, task:NAME (e.g. "
+                                "task:mmlu) or a path to a text file")
     if not path.is_file():
         raise SvdpressError(f"text file {path} is missing")
     if path.stat().st_size == 0 or not path.read_text(errors="replace").strip():
@@ -81,6 +87,8 @@ def clean_wiki(raw: str) -> str:
 
 
 def load_text(name: str) -> str:
+    if is_task_source(name):
+        return task_text(name)
     path = resolve_text(name)
     try:
         raw = path.read_text(encoding="utf-8", errors="replace")
