@@ -87,12 +87,12 @@ def zero_shot(runner: "Runner", tokenizer, tasks: Sequence[str], limit: Optional
     out = {t: _task_result(raw, t, n, limit) for t, n in names.items()} if raw is not None else None
     if not dist.active():
         return out
-    out = dist.broadcast_object(out, 0, "zero-shot results")  # rank 0 holds lm-eval's results
+    # rank 0 holds lm-eval's results and each task's scored leaves (an MMLU group: its subjects): one broadcast
+    leaves = {t: set(_leaves(raw, n)) for t, n in names.items()} if raw is not None else None
+    out, leaves = dist.broadcast_object((out, leaves), 0, "zero-shot results")
     shares = dist.gather_object(lm.requests_run, "zero-shot shares")
-    for t, n in names.items():  # the work each rank did (an MMLU group: its subjects' requests)
-        leaves = set(_leaves(raw, n)) if raw is not None else set()
-        leaves = dist.broadcast_object(leaves, 0, "zero-shot shares")
-        out[t]["requests_per_rank"] = [sum(c for k, c in share.items() if k in leaves) for share in shares]
+    for t in names:  # the work each rank did
+        out[t]["requests_per_rank"] = [sum(c for k, c in share.items() if k in leaves[t]) for share in shares]
     return out
 
 
