@@ -129,8 +129,11 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
         kind = spec.get("kind", "lowrank")
         if kind not in LAYER_KINDS:
             raise ValueError(f"unknown factored layer kind {kind!r} for {name}")
-        new = LAYER_KINDS[kind](old.in_features, old.out_features, int(spec["rank"]), bias=bias,
-                                device=device, dtype=dtype)
+        if hasattr(old, "in_features"):  # nn.Linear
+            n_in, n_out = old.in_features, old.out_features
+        else:  # GPT-2's Conv1D: y = x·W + b, W stored (in, out)
+            n_in, n_out = old.weight.shape
+        new = LAYER_KINDS[kind](n_in, n_out, int(spec["rank"]), bias=bias, device=device, dtype=dtype)
         set_module(model, name, new)
 
 

@@ -315,9 +315,13 @@ class Runner:
                 yield (self.tensor_value(name) if t.dim() == 0 else t.detach()[a:b]).cpu()
 
     def weight(self, name: str) -> torch.Tensor:
-        """The weight of layer `name` as stored (read from disk when streaming), for factorization."""
+        """The weight W (out, in) of layer `name` (read from disk when streaming), for factorization: a Conv1D's
+        stored (in, out) weight is handed over transposed, so every factorizer sees y = W x."""
+        from .arch import is_conv1d
+
         t = self._tensor(f"{name}.weight")
-        return self._read(f"{name}.weight").to(t.dtype) if _on_meta(t) else t.detach()
+        w = self._read(f"{name}.weight").to(t.dtype) if _on_meta(t) else t.detach()
+        return w.t().contiguous() if is_conv1d(self.model.get_submodule(name)) else w
 
     def rebuild_block(self, i: int, build: Callable[[nn.Module], None],
                       write: Optional[Callable[[dict], object]] = None) -> None:

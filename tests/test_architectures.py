@@ -1,0 +1,156 @@
+"""Every declared dense family, compress → export → reload, from a tiny random config (issue #14).
+
+For each family a tiny model is built from its config class (no hub), compressed with two method combinations
+(svd-llm + uniform, kfac + lems, svd-llm + fermigrad with 2 steps; PivGa on one of them), saved,
+and loaded back twice: with `svdpress.load` and with `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`. The three models must give the same logits (fp32, ≤ 1e-5 relative), and the manifest's
+parameter counts must equal a direct count of the loaded model's tensors (an answer independent of params.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import svdpress
+from svdpress.config import CompressConfig
+from svdpress.lowrank import LAYER_KINDS
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: E402
+
+BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, initializer_range=0.2)
+CONFIGS = {
+    "llama": dict(tie_word_embeddings=False),
+    "mistral": {},
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": {},
+    "gemma2": dict(final_logit_softcapping=2.0),
+    "gemma3_text": dict(final_logit_softcapping=2.0, rope_local_base_freq=10.0,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(tie_word_embeddings=False),
+    "olmo2": {},
+    "gpt_neox": dict(tie_word_embeddings=False),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=64, bos_token_id=1, eos_token_id=2),
+}
+GPT2_KEEP = ("vocab_size",)  # GPT-2's config takes its own names; only these come from BASE/the tokenizer
+
+UNIFORM = ("svd-llm", "uniform", {})
+SECOND = [("kfac", "lems", dict(probe_samples=2, probe_seqlen=32, rank_multiple=2)),
+          ("svd-llm", "fermigrad", dict(steps=2, samples=4, seqlen=32, batch_size=2, r_min=2))]
+FAMILIES = list(CONFIGS)
+CALIB = dict(calib_samples=4, calib_seqlen=32, calib_batch_size=4)
+
+
+def build(model_type: str, vocab: int) -> nn.Module:
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    kw = dict(CONFIGS[model_type], vocab_size=vocab)
+    if model_type != "gpt2":
+        kw = {**BASE, **kw}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = AutoConfig.for_model(model_type, **kw)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random norms and biases, so that a lost or doubled norm/bias shows in the logits
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def direct_count(model: nn.Module) -> int:
+    """Parameters of a model counted by hand from its tensors (tied tensors once, by storage)."""
+    seen = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def factored_layers(model: nn.Module) -> set[str]:
+    """Names of the factored layers (by class name: the remote code's lowrank.py is its own module copy)."""
+    kinds = {k.__name__ for k in LAYER_KINDS.values()}
+    return {n for n, m in model.named_modules() if type(m).__name__ in kinds}
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def runs_for(i: int, model_type: str):
+    """Three compressions per family: svd-llm + uniform (PivGa on every other family), kfac + lems and svd-llm +
+    fermigrad (2 steps), the last two with PivGa on the families the first has it not."""
+    return [(*UNIFORM, i % 2 == 1), (*SECOND[0], i % 2 == 0), (*SECOND[1], False)]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_round_trip(model_type, tokenizer, text_file, tmp_path):
+    i = FAMILIES.index(model_type)
+    vocab = len(tokenizer)
+    ids = torch.randint(3, vocab - 1, (2, 16), generator=torch.Generator().manual_seed(2))
+    for k, (fac, alloc, options, pivga) in enumerate(runs_for(i, model_type)):
+        model = build(model_type, vocab)
+        dense_logits = logits(model, ids)
+        out = tmp_path / f"out{k}"
+        cfg = CompressConfig(factorize=fac, allocate=alloc, ratio=0.6, calib=text_file, options=dict(options),
+                             pivga=pivga, out=str(out), progress=False, **CALIB)
+        compressed, report = svdpress.compress(model, cfg, tokenizer=tokenizer)
+        what = f"{model_type} {fac}+{alloc}{' pivga' if pivga else ''}"
+        ref = logits(compressed, ids)
+        assert torch.isfinite(ref).all(), what
+        assert rel(ref, dense_logits) > 1e-4, f"{what}: compression changed nothing"
+        factored = factored_layers(compressed)
+        assert factored, f"{what}: no layer was factored"
+
+        loaded, _ = svdpress.load(str(out))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+        for name, m in (("svdpress.load", loaded), ("from_pretrained", hf)):
+            m.eval()
+            got = factored_layers(m)
+            assert got == factored, f"{what} via {name}: factored layers differ"
+            assert rel(logits(m, ids), ref) <= 1e-5, f"{what} via {name}: logits differ"
+            assert report["params"]["model_compressed"] == direct_count(m), f"{what} via {name}: model count"
+        # the linear layers' count in the manifest, against the factored and dense target tensors in the model
+        p = report["params"]
+        layers = report["layers"]
+        kept = sum(sum(t.numel() for t in loaded.get_submodule(n).parameters()) for n in layers)
+        assert kept == p["linear_kept"], f"{what}: linear count {p['linear_kept']} vs {kept} in the tensors"
+        dense = sum(layers[n]["dense_params"] for n in layers)
+        assert dense == p["linear_dense"]
+        assert p["linear_kept"] <= 0.6 * p["linear_dense"] + 1, f"{what}: over budget"
+
+
+def test_conv1d_is_the_transposed_linear_map(tokenizer):
+    """GPT-2's Conv1D computes x·W + b with W (in, out): the runner hands the factorizers Wᵀ (out, in), the shape
+    in the architecture map is (out, in), and y = x·(Wᵀ)ᵀ + b reproduces the layer."""
+    from svdpress.model import Placement, Runner
+
+    model = build("gpt2", len(tokenizer))
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    with Runner(model, Placement(offload="none")) as runner:
+        names = [t.name for t in runner.arch.targets]
+        assert names == [f"transformer.h.{i}.{p}" for i in range(2)
+                         for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        for t in runner.arch.targets:
+            layer = model.get_submodule(t.name)
+            W = runner.weight(t.name)
+            assert (t.shape.m, t.shape.n) == tuple(W.shape) == tuple(layer.weight.shape[::-1])
+            xin = x if t.shape.n == 32 else torch.randn(3, 5, t.shape.n, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                torch.testing.assert_close(xin @ W.T + layer.bias, layer(xin))
