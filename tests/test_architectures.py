@@ -154,3 +154,59 @@ def test_conv1d_is_the_transposed_linear_map(tokenizer):
             xin = x if t.shape.n == 32 else torch.randn(3, 5, t.shape.n, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 torch.testing.assert_close(xin @ W.T + layer.bias, layer(xin))
+
+
+# ---- fused projections: --split-fused ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt2"])
+def test_split_fused_layers_are_exact(model_type, tokenizer):
+    """Splitting a fused layer into its parts changes no output (GPT-NeoX's parts interleave per head), and each
+    part holds the rows of the fused weight written out by hand from the modeling code."""
+    from svdpress.model import arch_map
+    from svdpress.model.fused import split_fused
+
+    model = build(model_type, len(tokenizer))
+    ids = torch.randint(3, len(tokenizer) - 1, (2, 10), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    W = {t.name: (model.get_submodule(t.name).weight.t() if model_type == "gpt2"
+                  else model.get_submodule(t.name).weight).detach().clone() for t in arch_map(model).targets}
+    names = split_fused(model)
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-10)
+    paths = {t.path for t in arch_map(model).targets}
+    if model_type == "phi3":  # q: 4 heads·8, k, v: 2 heads·8; gate, up: 64 each
+        assert {"self_attn.qkv_proj.q", "self_attn.qkv_proj.k", "self_attn.qkv_proj.v", "mlp.gate_up_proj.gate",
+                "mlp.gate_up_proj.up"} <= paths
+        w = W["model.layers.0.self_attn.qkv_proj"]
+        torch.testing.assert_close(model.model.layers[0].self_attn.qkv_proj.k.weight, w[32:48])
+        torch.testing.assert_close(model.model.layers[0].mlp.gate_up_proj.up.weight,
+                                   W["model.layers.0.mlp.gate_up_proj"][64:])
+    elif model_type == "gpt_neox":  # per head h (d = 8): q rows 24h..24h+7, k the next 8, v the next 8
+        assert {"attention.query_key_value.q", "attention.query_key_value.k"} <= paths
+        w = W["gpt_neox.layers.0.attention.query_key_value"]
+        k_rows = [24 * h + 8 + t for h in range(4) for t in range(8)]
+        torch.testing.assert_close(model.gpt_neox.layers[0].attention.query_key_value.k.weight, w[k_rows])
+    else:  # GPT-2: c_attn columns [q | k | v] of n_embd each (Conv1D weight transposed)
+        w = W["transformer.h.0.attn.c_attn"]
+        torch.testing.assert_close(model.transformer.h[0].attn.c_attn.v.weight, w[64:96])
+    assert len(names) == len([t for t in W if t.endswith(("qkv_proj", "gate_up_proj", "query_key_value",
+                                                            "c_attn"))])
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt_neox", "gpt2"])
+def test_split_fused_round_trip(model_type, tokenizer, text_file, tmp_path):
+    model = build(model_type, len(tokenizer))
+    ids = torch.randint(3, len(tokenizer) - 1, (2, 16), generator=torch.Generator().manual_seed(2))
+    cfg = CompressConfig(ratio=0.6, calib=text_file, split_fused=True, out=str(tmp_path / "o"), progress=False,
+                         **CALIB)
+    compressed, report = svdpress.compress(model, cfg, tokenizer=tokenizer)
+    ref = logits(compressed, ids)
+    parts = [n for n in report["layers"] if n.endswith((".q", ".k", ".v", ".gate", ".up"))]
+    assert parts and all(report["layers"][n]["rank"] for n in parts)
+    loaded, _ = svdpress.load(str(tmp_path / "o"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), trust_remote_code=True)
+    for m in (loaded, hf):
+        assert factored_layers(m.eval()) == factored_layers(compressed)
+        assert rel(logits(m, ids), ref) <= 1e-5
+        assert report["params"]["model_compressed"] == direct_count(m)

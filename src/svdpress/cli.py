@@ -157,6 +157,12 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS",
                    help="layers to factor: re:REGEX or globs on the name, e.g. 're:.*mlp.*' or 'self_attn.*'")
     p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor (same syntax)")
+    p.add_argument("--budget-of", choices=("linear", "model"), default=d.budget_of,
+                   help="what --ratio counts: the decoder blocks' linear layers (default, the papers') or every "
+                        "parameter of the model (embeddings, head and norms are kept, the layers get the rest)")
+    p.add_argument("--split-fused", action="store_true",
+                   help="factor fused projections (Phi-3 qkv_proj/gate_up_proj, GPT-NeoX query_key_value, GPT-2 "
+                        "c_attn) part by part instead of as one matrix")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
     p.add_argument("--stats-cache", default=None, help="directory caching calibration statistics")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
@@ -198,7 +204,7 @@ def _compress(a: argparse.Namespace) -> int:
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
                          pivga=a.pivga, device=a.device, dtype=a.dtype, options=options, offload=a.offload,
                          max_memory=a.max_memory, offload_dir=a.offload_dir, targets=a.targets, ignore=a.ignore,
-                         stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+                         budget_of=a.budget_of, split_fused=a.split_fused, stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
     from . import distributed
@@ -231,9 +237,10 @@ def summarize_compression(r: dict) -> str:
         ["method", f"{r['factorize']} + {r['allocate']}" + (" + pivga" if r.get("pivga") else "")],
         ["calibration", "none (ratio 1)" if not r["calibration"] else
          f"{r['calibration']['text']}, {r['calibration']['samples']}x{r['calibration']['seqlen']}"],
-        ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}, "
-                          f"target {r['ratio']['target']})"],
-        ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f})"],
+        ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}"
+                          + (f", target {r['ratio']['target']})" if r["ratio"].get("budget_of") != "model" else ")")],
+        ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f}"
+                         + (f", target {r['ratio']['target']})" if r["ratio"].get("budget_of") == "model" else ")")],
         ["layers factored", f"{sum(1 for x in r['layers'].values() if x['rank'] is not None)} / {len(r['layers'])}"],
         ["time (s)", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())],
     ]

@@ -33,7 +33,7 @@ from .lowrank import LowRankLinear, set_module
 from .memory import PeakMemory, trim
 from .model import Placement, Runner
 from .models import ModelSource, load_model
-from .params import count_params, dense_count, layer_params, model_params
+from .params import count_params, dense_count, layer_params, linear_ratio_for_model, model_params
 from .store import SpectrumStore, TensorStore
 
 
@@ -301,19 +301,27 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                 model, source = model_or_id, ModelSource(type(model_or_id).__name__, "<in memory>")
             else:
                 model, tokenizer, source = load_model(cfg.model, torch_dtype(cfg.dtype), "cpu",
-                                                      lazy=cfg.offload != "none")
+                                                      lazy=cfg.offload != "none" and not cfg.split_fused)
+            if cfg.split_fused:  # fused projections become one target per logical part (model/fused.py)
+                from .model.fused import split_fused
+
+                split_fused(model)
             runner = stack.enter_context(Runner(model, cfg.placement(device), source.tensors,
                                                 targets=cfg.targets, ignore=cfg.ignore))
         on_disk = runner.offload == "disk"
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
+        # the ratio the target layers get: --ratio itself, or with --budget-of model what is left of R·(all
+        # parameters) once the uncompressible ones (embeddings, head, norms) are paid for
+        linear_target = (cfg.ratio if cfg.budget_of == "linear"
+                         else linear_ratio_for_model(cfg.ratio, total_dense, shapes, cfg.pivga))
         check_model = getattr(cfg.allocation_settings, "check_model", None)
         if check_model is not None:  # e.g. --ranks against the model's layers and the budget, before calibration
-            check_model(shapes, cfg.ratio, cfg.pivga)
+            check_model(shapes, linear_target, cfg.pivga)
         spectra = SpectrumStore(on_disk, cfg.offload_dir)
         stack.callback(spectra.close)
 
-        if cfg.ratio >= 1:  # nothing to factor: the model goes through the same export, without calibration
+        if linear_target >= 1:  # nothing to factor: the model goes through the same export, without calibration
             samples, calib_part = torch.zeros(0, 0, dtype=torch.long), None
             alloc = Allocation({name: None for name in shapes}, {"note": "ratio 1: every layer kept dense"})
         else:
@@ -327,7 +335,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
                             cfg.stats_cache, spectra, grads)
             grads.close()
-            problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
+            problem = AllocationProblem(shapes, spectra, linear_target, cfg.rank_multiple, dict(cfg.options), runner,
                                         samples, cfg.seed, cfg.progress, pivga=cfg.pivga)
             with stages("allocate"):
                 alloc = allocate(problem, cfg.allocate)
@@ -356,8 +364,13 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "allocate": cfg.allocate,
             "options": cfg.options,
             "pivga": cfg.pivga,
-            "ratio": {"target": cfg.ratio, "achieved": params["linear_ratio"],
-                      "definition": "kept / dense parameters of the decoder blocks' linear layers"},
+            "ratio": ({"target": cfg.ratio, "achieved": params["linear_ratio"], "budget_of": "linear",
+                       "definition": "kept / dense parameters of the decoder blocks' linear layers"}
+                      if cfg.budget_of == "linear" else
+                      {"target": cfg.ratio, "achieved": params["model_ratio"], "budget_of": "model",
+                       "linear_target": linear_target, "linear_achieved": params["linear_ratio"],
+                       "definition": "kept / dense parameters of the whole model (embeddings, head, norms "
+                                     "included; tied tensors once)"}),
             "params": params,
             "calibration": None if calib_part is None else {
                 "text": calib_part.describe(), "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen,
@@ -365,7 +378,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "seed": cfg.seed,
             "device": device,
             "placement": runner.describe(),
-            "targets": {"include": list(cfg.targets), "ignore": list(cfg.ignore), "layers": len(shapes)},
+            "targets": {"include": list(cfg.targets), "ignore": list(cfg.ignore), "layers": len(shapes),
+                        "split_fused": cfg.split_fused},
             "layers": {name: {"shape": [s.m, s.n], "rank": alloc.ranks[name],
                               "params": layer_params(s, alloc.ranks[name], cfg.pivga), "dense_params": s.dense}
                        for name, s in shapes.items()},
@@ -389,7 +403,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             from .allocate.record import plot_ranks, ranks_document
 
             with stages("export"):
-                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio, cfg.pivga)
+                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, linear_target, cfg.pivga)
                 extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
                 _record_time(report, stages, t0)
                 writer.finish(runner, tokenizer, report, extra)

@@ -181,6 +181,16 @@ def _leaf_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
             if is_linear(m) and not sub.startswith(tuple(skip))]
 
 
+def _split_parts(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """A fused layer split by --split-fused (lowrank.SplitLinear) stands for its parts: path.q, path.k, …"""
+    from ..lowrank import SplitLinear
+
+    out = []
+    for p, m in layers:
+        out += [(f"{p}.{n}", getattr(m, n)) for n in m.names] if isinstance(m, SplitLinear) else [(p, m)]
+    return out
+
+
 def _factored_kinds() -> tuple[type, ...]:
     from ..lowrank import LAYER_KINDS
 
@@ -368,7 +378,7 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
         prefix = f"{blocks_path}.{i}"
         if fam is not None:
             linears = [(p, block.get_submodule(p)) for p in fam.targets if _exists(block, p)]
-            linears = [(p, m) for p, m in linears if is_linear(m)]
+            linears = [(p, m) for p, m in _split_parts(linears) if is_linear(m)]
         else:
             linears = [(p, m) for p, m in _leaf_linears(block) if not _is_router(model, p, m)]
         for path, m in linears:
