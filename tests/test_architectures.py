@@ -9,6 +9,7 @@ parameter counts must equal a direct count of the loaded model's tensors (an ans
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -210,3 +211,45 @@ def test_split_fused_round_trip(model_type, tokenizer, text_file, tmp_path):
         assert factored_layers(m.eval()) == factored_layers(compressed)
         assert rel(logits(m, ids), ref) <= 1e-5
         assert report["params"]["model_compressed"] == direct_count(m)
+
+
+# ---- --budget-of model -------------------------------------------------------------------------------------
+
+def _counts(model: nn.Module) -> tuple[int, int, int]:
+    """(every parameter, the target layers' dense weights+biases, their count at rank 1), by hand: Llama's seven
+    projections per block, no biases."""
+    total = direct_count(model)
+    lin = one = 0
+    for blk in model.model.layers:
+        for m in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj, blk.self_attn.o_proj,
+                  blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj):
+            lin += m.weight.numel()
+            one += sum(m.weight.shape)
+    return total, lin, one
+
+
+def test_budget_of_model_counts_every_parameter(tokenizer, text_file):
+    model = build("llama", len(tokenizer))
+    total, lin, _ = _counts(model)
+    ratio = 0.8
+    cfg = CompressConfig(ratio=ratio, budget_of="model", calib=text_file, progress=False, **CALIB)
+    compressed, report = svdpress.compress(model, cfg, tokenizer=tokenizer)
+    kept = direct_count(compressed)
+    assert kept <= ratio * total and kept > (ratio - 0.05) * total
+    assert report["ratio"]["budget_of"] == "model" and report["ratio"]["achieved"] == kept / total
+    other = total - lin  # embeddings, the untied head, norms
+    assert report["ratio"]["linear_target"] == pytest.approx((ratio * total - other) / lin)
+    assert report["params"]["linear_ratio"] < ratio  # the layers pay for the parameters that stay dense
+
+
+def test_budget_of_model_below_the_uncompressible_part_names_the_smallest_ratio(tokenizer, text_file):
+    from svdpress.errors import SvdpressError
+
+    model = build("llama", len(tokenizer))
+    total, lin, one = _counts(model)
+    smallest = (total - lin + one) / total
+    cfg = CompressConfig(ratio=smallest - 0.01, budget_of="model", calib=text_file, progress=False, **CALIB)
+    with pytest.raises(SvdpressError, match=rf"smallest ratio possible is {math.ceil(smallest * 1000) / 1000}"):
+        svdpress.compress(model, cfg, tokenizer=tokenizer)
+    with pytest.raises(SvdpressError, match="--budget-of 'all' is unknown; choose one of linear, model"):
+        CompressConfig(budget_of="all").validate()
