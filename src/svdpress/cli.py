@@ -309,6 +309,45 @@ def _methods(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan: where the parameters are and what a ratio keeps, without calibrating (issue 14) --------------------
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'default', a hub id, a model directory or a .gguf file")
+    p.add_argument("--ratio", type=float, required=True, help="kept fraction (of what --budget-of says)")
+    p.add_argument("--budget-of", choices=("linear", "model"), default="linear",
+                   help="what --ratio counts: the decoder blocks' linear layers (default) or every parameter")
+    p.add_argument("--pivga", action="store_true", help="count as PivGa stores the factors (r·(m+n) − r²)")
+    p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS", help="layers to factor (as compress)")
+    p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor")
+    p.add_argument("--json", type=Path, default=None, help="write the plan as JSON to this file")
+
+
+@subcommand("plan", _plan_args)
+def _plan(a: argparse.Namespace) -> int:
+    import torch
+
+    from .allocate import check_ratio
+    from .model.arch import compile_patterns
+    from .models import load_model
+    from .plan import format_plan, plan
+
+    check_ratio(a.ratio)
+    compile_patterns(a.targets + a.ignore)
+    if a.rank_multiple < 1:
+        raise SvdpressError("--rank-multiple must be ≥ 1")
+    if a.json is not None:
+        check_json_path(a.json)
+    model, _, _ = load_model(a.model, torch.float32, "cpu", lazy=True)  # safetensors: weights never read
+    p = plan(model, a.ratio, a.budget_of, a.pivga, a.rank_multiple, a.targets, a.ignore)
+    print(format_plan(p))
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, p)
+    return 0
+# ---- end plan --------------------------------------------------------------------------------------------------
+
+
 # ---- pivga: gauge-fix an already compressed model directory (issue 4) ----------------------------------------
 def _pivga_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="an svdpress output directory (compressed, not yet PivGa)")

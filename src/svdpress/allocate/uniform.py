@@ -14,6 +14,7 @@ def uniform(p: AllocationProblem) -> Allocation:
         return Allocation({name: None for name in p.shapes})
     step = max(1, p.rank_multiple)
     counting = p.counting
-    ranks = {name: max(step, round_down(counting.rank_for(s, p.ratio * s.m * s.n), step))
+    # the layer's share of the budget is ratio·(m·n + bias); the bias stays whole, the factors get the rest
+    ranks = {name: max(step, round_down(counting.rank_for(s, p.ratio * s.dense - (s.dense - s.m * s.n)), step))
              for name, s in p.shapes.items()}
     return Allocation(ranks)
