@@ -253,3 +253,41 @@ def test_budget_of_model_below_the_uncompressible_part_names_the_smallest_ratio(
         svdpress.compress(model, cfg, tokenizer=tokenizer)
     with pytest.raises(SvdpressError, match="--budget-of 'all' is unknown; choose one of linear, model"):
         CompressConfig(budget_of="all").validate()
+
+
+# ---- svdpress plan -----------------------------------------------------------------------------------------
+
+def test_plan_counts_by_hand(tiny_model_dir, tmp_path, capsys):
+    """conftest's Llama: V×64 tied embeddings, 2 blocks of q,o 64×64, k,v 32×64, gate,up 160×64, down 64×160 and
+    two 64-wide norms each, a final norm. Uniform at 0.6: r = ⌊0.6·m·n/(m+n)⌋."""
+    import json
+
+    from svdpress.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", tiny_model_dir, "--ratio", "0.6", "--json", str(out)]) == 0
+    p = json.loads(out.read_text())
+    V = json.loads((__import__("pathlib").Path(tiny_model_dir) / "config.json").read_text())["vocab_size"]
+    shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
+              "self_attn.o_proj": (64, 64), "mlp.gate_proj": (160, 64), "mlp.up_proj": (160, 64),
+              "mlp.down_proj": (64, 160)}
+    lin = sum(m * n for m, n in shapes.values())
+    P = p["params"]
+    assert P["embeddings"] == V * 64 and P["head"] == 0 and P["head_tied"]
+    assert P["per_block"] == [lin + 2 * 64] * 2 and P["other"] == 64
+    assert P["total"] == V * 64 + 2 * (lin + 128) + 64 and P["targets_dense"] == 2 * lin
+    for path, (m, n) in shapes.items():
+        assert p["kinds"][path]["ranks"] == [int(0.6 * m * n / (m + n))], path
+    kept = 2 * sum(int(0.6 * m * n / (m + n)) * (m + n) for m, n in shapes.values())
+    assert p["target"]["linear_kept_uniform"] == kept
+    text = capsys.readouterr().out
+    assert "tied to the embeddings" in text and "mlp.down_proj" in text
+
+
+def test_plan_budget_of_model_and_its_floor(tiny_model_dir, capsys):
+    from svdpress.cli import main
+
+    assert main(["plan", tiny_model_dir, "--ratio", "0.9", "--budget-of", "model"]) == 0
+    assert "--budget-of model --ratio 0.9" in capsys.readouterr().out
+    assert main(["plan", tiny_model_dir, "--ratio", "0.05", "--budget-of", "model"]) != 0
+    assert "smallest ratio possible is" in capsys.readouterr().err
