@@ -324,12 +324,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("plan", _plan_args)
 def _plan(a: argparse.Namespace) -> int:
-    import torch
-
     from .allocate import check_ratio
     from .model.arch import compile_patterns
-    from .models import load_model
-    from .plan import format_plan, plan
+    from .plan import format_plan, plan, skeleton
 
     check_ratio(a.ratio)
     compile_patterns(a.targets + a.ignore)
@@ -337,7 +334,7 @@ def _plan(a: argparse.Namespace) -> int:
         raise SvdpressError("--rank-multiple must be ≥ 1")
     if a.json is not None:
         check_json_path(a.json)
-    model, _, _ = load_model(a.model, torch.float32, "cpu", lazy=True)  # safetensors: weights never read
+    model = skeleton(a.model)  # on the meta device: no weights are read
     p = plan(model, a.ratio, a.budget_of, a.pivga, a.rank_multiple, a.targets, a.ignore)
     print(format_plan(p))
     if a.json:

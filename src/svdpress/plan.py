@@ -18,6 +18,31 @@ from .model import arch_map
 from .params import count_params, dense_count, linear_ratio_for_model, model_params
 
 
+def skeleton(spec: str) -> nn.Module:
+    """The model of `spec` on the meta device: built from its config alone (a GGUF file's metadata is read, its
+    weights are not de-quantized), which is all a count needs. A compressed directory loads lazily instead."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .errors import SvdpressError
+    from .models import load_model, resolve_model
+
+    src = resolve_model(spec)
+    if src.compressed:
+        import torch
+
+        return load_model(spec, torch.float32, "cpu", lazy=True)[0]
+    try:
+        cfg = (AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file) if src.gguf_file
+               else AutoConfig.from_pretrained(src.path))
+    except (OSError, ValueError) as e:
+        raise SvdpressError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embedding matrix, counted once
+    return model
+
+
 def _unique_numel(modules: Sequence[nn.Module], seen: set[int]) -> int:
     """Parameters of `modules` not counted yet (tied tensors once, across calls sharing `seen`)."""
     n = 0
