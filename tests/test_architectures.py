@@ -291,3 +291,23 @@ def test_plan_budget_of_model_and_its_floor(tiny_model_dir, capsys):
     assert "--budget-of model --ratio 0.9" in capsys.readouterr().out
     assert main(["plan", tiny_model_dir, "--ratio", "0.05", "--budget-of", "model"]) != 0
     assert "smallest ratio possible is" in capsys.readouterr().err
+
+
+def test_split_fused_on_a_family_without_fused_layers_is_an_error(tokenizer, text_file):
+    from svdpress.errors import SvdpressError
+
+    model = build("llama", len(tokenizer))
+    cfg = CompressConfig(ratio=0.6, calib=text_file, split_fused=True, progress=False, **CALIB)
+    with pytest.raises(SvdpressError, match=r"--split-fused: LlamaForCausalLM has no fused projections.*phi3"):
+        svdpress.compress(model, cfg, tokenizer=tokenizer)
+    with pytest.raises(SvdpressError, match="--split-fused needs the model in memory"):
+        CompressConfig(split_fused=True, offload="disk").validate()
+
+
+def test_cli_budget_of_and_split_fused(tmp_path, capsys):
+    """The flags reach the config: a bad --budget-of is argparse's error; --split-fused on Llama is ours."""
+    from svdpress.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--budget-of", "everything"])
+    assert "--budget-of" in capsys.readouterr().err
