@@ -311,3 +311,18 @@ def test_cli_budget_of_and_split_fused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--budget-of", "everything"])
     assert "--budget-of" in capsys.readouterr().err
+
+
+def test_uniform_leaves_biases_whole_within_the_budget():
+    """GPT-NeoX/GPT-2/OPT layers have biases: at ratio c a layer may keep c·(m·n + m), its bias m stays whole, so
+    the factors get r = ⌊(c·(m·n + m) − m)/(m+n)⌋ (this overran the budget when the bias was forgotten)."""
+    from svdpress.allocate import AllocationProblem, allocate
+    from svdpress.params import LayerShape, count_params
+
+    shapes = {"a": LayerShape(128, 32, True), "b": LayerShape(64, 16, True), "c": LayerShape(40, 40, False)}
+    for c in (0.2, 0.4, 0.6):
+        ranks = allocate(AllocationProblem(shapes, {}, c, progress=False), "uniform").ranks
+        want = {n: int((c * s.dense - (s.m if s.bias else 0)) / (s.m + s.n)) for n, s in shapes.items()}
+        assert ranks == {n: max(1, r) for n, r in want.items()}
+        assert c == 0.6 or ranks["a"] < int(c * 128 * 32 / 160)  # forgetting the bias would give one more
+        assert count_params(shapes, ranks) <= c * sum(s.dense for s in shapes.values())

@@ -2,7 +2,8 @@
 
 r_l = ⌊r(ratio)⌋ (rounded down to the rank multiple), r(c) the rank whose factors hold c·m·n parameters under the
 problem's counting: c·m·n/(m+n) classically (SVD-LLM's "compression ratio" protocol), the smaller root of
-r·(m+n) − r² = c·m·n with PivGa. Each layer, and hence the model, stays at or under the target.
+r·(m+n) − r² = c·m·n with PivGa. A layer's bias stays whole, so its factors get c·(m·n + m) − m (no bias: c·m·n).
+Each layer, and hence the model, stays at or under the target.
 """
 
 from . import Allocation, AllocationProblem, allocator, round_down
