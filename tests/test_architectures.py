@@ -326,3 +326,54 @@ def test_uniform_leaves_biases_whole_within_the_budget():
         assert ranks == {n: max(1, r) for n, r in want.items()}
         assert c == 0.6 or ranks["a"] < int(c * 128 * 32 / 160)  # forgetting the bias would give one more
         assert count_params(shapes, ranks) <= c * sum(s.dense for s in shapes.values())
+
+
+# ---- --lm-head ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
+def test_lm_head_factored_round_trip(model_type, tokenizer, text_file, tmp_path):
+    """An untied head becomes a LowRankLinear at the uniform fraction of its own parameters; both loaders give
+    the same logits, the manifest counts the tensors, and the runner's chunked head (A_c·B) gives the model's NLL."""
+    from svdpress.model import Placement, Runner
+
+    model = build(model_type, len(tokenizer))
+    head = "lm_head"
+    V, d = model.get_submodule(head).weight.shape
+    ids = torch.randint(3, len(tokenizer) - 1, (2, 16), generator=torch.Generator().manual_seed(2))
+    cfg = CompressConfig(ratio=0.6, calib=text_file, lm_head=True, out=str(tmp_path / "o"), progress=False, **CALIB)
+    compressed, report = svdpress.compress(model, cfg, tokenizer=tokenizer)
+    assert type(compressed.get_submodule(head)).__name__ == "LowRankLinear"
+    assert report["layers"][head]["rank"] == int(0.6 * V * d / (V + d))
+    ref = logits(compressed, ids)
+    loaded, _ = svdpress.load(str(tmp_path / "o"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), trust_remote_code=True)
+    for m in (loaded, hf):
+        assert "lm_head" in factored_layers(m.eval())
+        assert rel(logits(m, ids), ref) <= 1e-5
+        assert report["params"]["model_compressed"] == direct_count(m)
+    kept = sum(sum(t.numel() for t in loaded.get_submodule(n).parameters()) for n in report["layers"])
+    assert kept == report["params"]["linear_kept"]
+    nll = nn.functional.cross_entropy(ref[:, :-1].reshape(-1, ref.shape[-1]), ids[:, 1:].reshape(-1),
+                                      reduction="sum")
+    from svdpress.model.head import nll_sum
+
+    with Runner(loaded, Placement(offload="none")) as runner, torch.no_grad():
+        (h,) = runner.forward(runner.embed([ids]))
+        got = nll_sum(runner.head, runner.final(h)[:, :-1].reshape(-1, d), ids[:, 1:].reshape(-1))
+    assert float(got) == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_lm_head_tied_stays_dense_and_bad_combinations(tokenizer, text_file):
+    from svdpress.errors import SvdpressError
+
+    model = build("qwen2", len(tokenizer))  # tied embeddings
+    cfg = CompressConfig(ratio=0.6, calib=text_file, lm_head=True, progress=False, **CALIB)
+    with pytest.warns(UserWarning, match="tied to the input embeddings; it stays dense"):
+        compressed, report = svdpress.compress(model, cfg, tokenizer=tokenizer)
+    assert "lm_head" not in report["layers"] and "lm_head" not in factored_layers(compressed)
+    for bad, msg in ((dict(factorize="kfac"), "gradient statistics"), (dict(allocate="lems"), "--allocate uniform"),
+                     (dict(pivga=True), "--pivga")):
+        with pytest.raises(SvdpressError, match=msg):
+            CompressConfig(lm_head=True, **bad).validate()

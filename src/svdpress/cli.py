@@ -163,6 +163,8 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-fused", action="store_true",
                    help="factor fused projections (Phi-3 qkv_proj/gate_up_proj, GPT-NeoX query_key_value, GPT-2 "
                         "c_attn) part by part instead of as one matrix")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also factor the LM head when it is not tied to the embeddings (tied heads stay dense)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
     p.add_argument("--stats-cache", default=None, help="directory caching calibration statistics")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
@@ -204,7 +206,7 @@ def _compress(a: argparse.Namespace) -> int:
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
                          pivga=a.pivga, device=a.device, dtype=a.dtype, options=options, offload=a.offload,
                          max_memory=a.max_memory, offload_dir=a.offload_dir, targets=a.targets, ignore=a.ignore,
-                         budget_of=a.budget_of, split_fused=a.split_fused, stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+                         budget_of=a.budget_of, split_fused=a.split_fused, lm_head=a.lm_head, stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
     from . import distributed

@@ -247,6 +247,31 @@ def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool 
 
 
 
+def build_layer(model: nn.Module, name: str, spectrum, rank: int) -> None:
+    """One layer outside the blocks (the LM head) replaced by its factors at `rank`."""
+    old = model.get_submodule(name)
+    A, B = spectrum.factors(rank, dtype=old.weight.dtype)
+    bias = old.bias.detach() if old.bias is not None else None
+    set_module(model, name, LowRankLinear.from_factors(A.to(old.weight.device), B.to(old.weight.device), bias,
+                                                       old.weight.dtype))
+
+
+def lm_head_target(runner: Runner):
+    """The LM head as a target (`--lm-head`), or None when it is tied to the input embeddings: then one matrix is
+    both the lookup table and the output projection, and it stays dense (factoring it would either untie it, adding
+    a matrix, or push every embedding lookup through the factors). Tied heads get a one-line warning."""
+    import warnings
+
+    from .model.arch import TargetLayer, linear_shape
+
+    arch, model = runner.arch, runner.model
+    head, emb = model.get_submodule(arch.head_path), model.get_submodule(arch.embed_path)
+    if head.weight is emb.weight:
+        warnings.warn("--lm-head: the LM head is tied to the input embeddings; it stays dense", stacklevel=2)
+        return None
+    return TargetLayer(arch.head_path, arch.num_blocks, "lm_head", linear_shape(head), arch.head_path)
+
+
 def param_report(model_dense_total: int, model: nn.Module, shapes, ranks, pivga: bool = False) -> dict:
     dense = dense_count(shapes)
     kept = count_params(shapes, ranks, pivga)
@@ -311,6 +336,9 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         on_disk = runner.offload == "disk"
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
+        head = lm_head_target(runner) if cfg.lm_head else None
+        if head is not None:  # the untied LM head is one more target, after the blocks
+            shapes[head.name] = head.shape
         # the ratio the target layers get: --ratio itself, or with --budget-of model what is left of R·(all
         # parameters) once the uncompressible ones (embeddings, head, norms) are paid for
         linear_target = (cfg.ratio if cfg.budget_of == "linear"
@@ -334,6 +362,17 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             batch = dist.min_int(runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size))  # one for every rank
             factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
                             cfg.stats_cache, spectra, grads)
+            if head is not None:
+                from .calibrate import head_input_stats
+
+                with stages("calibrate"):
+                    inputs = head_input_stats(runner, samples, batch)
+                with stages("factorize"):
+                    W = runner.weight(head.name).to(device=device, dtype=torch.float64, copy=True)
+                    stats = LayerStats(inputs=_to_device(inputs, device), consume=True)
+                    check_finite(head.name, W, stats)
+                    spectra[head.name] = _cpu(FACTORIZERS[cfg.factorize].fn(W, stats))
+                    del W, stats, inputs
             grads.close()
             problem = AllocationProblem(shapes, spectra, linear_target, cfg.rank_multiple, dict(cfg.options), runner,
                                         samples, cfg.seed, cfg.progress, pivga=cfg.pivga)
@@ -351,6 +390,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         with stages("build"):
             pivga_report = build(runner, spectra, alloc.ranks, cfg.pivga, writer.add if writer else None,
                                  cfg.progress)
+            if head is not None and alloc.ranks.get(head.name) is not None:
+                build_layer(model, head.name, spectra[head.name], alloc.ranks[head.name])
         notes = {name: s.note for name, s in spectra.items() if s.note}  # jitter / eigen fallbacks, per layer
         spectra.close()
 

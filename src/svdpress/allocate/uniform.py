@@ -19,3 +19,5 @@ def uniform(p: AllocationProblem) -> Allocation:
     ranks = {name: max(step, round_down(counting.rank_for(s, p.ratio * s.dense - (s.dense - s.m * s.n)), step))
              for name, s in p.shapes.items()}
     return Allocation(ranks)
+
+uniform.measures_model = False  # reads the shapes alone (--lm-head can include the LM head)

@@ -440,6 +440,16 @@ class Runner:
     @property
     def head(self) -> Head:
         head = self.model.get_submodule(self.arch.head_path)
+        if hasattr(head, "A") and hasattr(head, "B"):  # a factored head (--lm-head): W_c = A_c·B, chunk by chunk
+            A, B = head.A.weight, head.B.weight
+            rows = lambda a, b: (A[a:b] @ B).to(self.device)  # noqa: E731
+            bias = head.A.bias.to(self.device) if head.A.bias is not None else None
+            scale = getattr(self.arch, "logit_scale", 1.0)
+            if scale != 1.0:
+                factored = rows
+                rows = lambda a, b: factored(a, b) * scale  # noqa: E731
+                bias = bias * scale if bias is not None else None
+            return Head(rows, head.out_features, bias, self.arch.softcap, width=head.in_features)
         w = head.weight
         bias = getattr(head, "bias", None)
         if bias is not None:
