@@ -377,3 +377,18 @@ def test_lm_head_tied_stays_dense_and_bad_combinations(tokenizer, text_file):
                      (dict(pivga=True), "--pivga")):
         with pytest.raises(SvdpressError, match=msg):
             CompressConfig(lm_head=True, **bad).validate()
+
+
+def test_plan_lm_head(tokenizer, tmp_path, capsys):
+    import json
+
+    from svdpress.cli import main
+
+    model = build("llama", len(tokenizer))  # untied head
+    model.save_pretrained(tmp_path / "m")
+    V = len(tokenizer)
+    assert main(["plan", str(tmp_path / "m"), "--ratio", "0.6", "--lm-head", "--json", str(tmp_path / "p.json")]) == 0
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["lm_head"] and p["params"]["head"] == V * 32
+    assert p["kinds"]["lm_head"]["ranks"] == [int(0.6 * V * 32 / (V + 32))]
+    assert "target layers (blocks + head)" in capsys.readouterr().out

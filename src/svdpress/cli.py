@@ -318,6 +318,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-of", choices=("linear", "model"), default="linear",
                    help="what --ratio counts: the decoder blocks' linear layers (default) or every parameter")
     p.add_argument("--pivga", action="store_true", help="count as PivGa stores the factors (r·(m+n) − r²)")
+    p.add_argument("--lm-head", action="store_true", help="count an untied LM head as a target (as compress)")
     p.add_argument("--rank-multiple", type=int, default=1)
     p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS", help="layers to factor (as compress)")
     p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor")
@@ -337,7 +338,7 @@ def _plan(a: argparse.Namespace) -> int:
     if a.json is not None:
         check_json_path(a.json)
     model = skeleton(a.model)  # on the meta device: no weights are read
-    p = plan(model, a.ratio, a.budget_of, a.pivga, a.rank_multiple, a.targets, a.ignore)
+    p = plan(model, a.ratio, a.budget_of, a.pivga, a.rank_multiple, a.targets, a.ignore, a.lm_head)
     print(format_plan(p))
     if a.json:
         from .export import write_json

@@ -55,7 +55,7 @@ def _unique_numel(modules: Sequence[nn.Module], seen: set[int]) -> int:
 
 
 def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool = False, rank_multiple: int = 1,
-         targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> dict[str, Any]:
+         targets: Sequence[str] = (), ignore: Sequence[str] = (), lm_head: bool = False) -> dict[str, Any]:
     """Where the parameters of `model` are, the target count at `ratio` and the ranks uniform gives."""
     from .config import BUDGETS
     from .errors import SvdpressError
@@ -71,11 +71,18 @@ def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool 
     head_module = model.get_submodule(arch.head_path)
     head = _unique_numel([head_module], seen)
     tied = head == 0 and head_module.weight.numel() > 0
+    targets_ = list(arch.targets)
+    if lm_head and not tied:  # --lm-head: the untied head is one more target (a tied one stays dense)
+        from .model.arch import TargetLayer, linear_shape
+
+        targets_.append(TargetLayer(arch.head_path, arch.num_blocks, "lm_head", linear_shape(head_module),
+                                    arch.head_path))
+        shapes[arch.head_path] = targets_[-1].shape
     blocks = arch.blocks(model)
     per_block = [_unique_numel([b], seen) for b in blocks]
     rest = total - embed - head - sum(per_block)  # final norm, position embeddings, anything else
     per_kind: dict[str, dict[str, Any]] = defaultdict(lambda: {"layers": 0, "dense": 0, "shape": None})
-    for t in arch.targets:
+    for t in targets_:
         k = per_kind[t.path]
         k["layers"] += 1
         k["dense"] += t.shape.dense
@@ -85,14 +92,14 @@ def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool 
     problem = AllocationProblem(shapes, {}, linear_ratio, rank_multiple, pivga=pivga, progress=False)
     ranks = allocate(problem, "uniform").ranks
     kept = count_params(shapes, ranks, pivga)
-    for t in arch.targets:
+    for t in targets_:
         k = per_kind[t.path]
         k.setdefault("ranks", set()).add(ranks[t.name])
         k["kept"] = k.get("kept", 0) + count_params({t.name: t.shape}, ranks, pivga)
     kinds = {p: {**k, "ranks": sorted(r for r in k["ranks"] if r is not None) or None} for p, k in per_kind.items()}
     return {
         "architecture": type(model).__name__, "model_type": arch.model_type, "declared": arch.declared,
-        "ratio": ratio, "budget_of": budget_of, "pivga": pivga,
+        "ratio": ratio, "budget_of": budget_of, "pivga": pivga, "lm_head": lm_head and not tied,
         "params": {"total": total, "embeddings": embed, "head": head, "head_tied": tied,
                    "blocks": sum(per_block), "per_block": per_block, "other": rest,
                    "targets_dense": linear_dense, "outside_targets": total - linear_dense},
@@ -112,7 +119,8 @@ def format_plan(p: dict[str, Any]) -> str:
     where = [["embeddings", P["embeddings"], pct(P["embeddings"])],
              ["LM head", P["head"], "tied to the embeddings" if P["head_tied"] else pct(P["head"])],
              [f"decoder blocks ({len(P['per_block'])})", P["blocks"], pct(P["blocks"])],
-             ["  of which target layers", P["targets_dense"], pct(P["targets_dense"])],
+             ["target layers (blocks + head)" if p["lm_head"] else "  of which target layers", P["targets_dense"],
+              pct(P["targets_dense"])],
              ["other (final norm, positions, ...)", P["other"], pct(P["other"])],
              ["total", P["total"], "100%"]]
     per_block = sorted(set(P["per_block"]))
