@@ -337,6 +337,9 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
         head = lm_head_target(runner) if cfg.lm_head else None
+        if head is not None and on_disk:
+            raise SvdpressError("--lm-head needs the model in memory, but it is streamed from disk (it does not fit "
+                                "the memory budget, or --offload disk): run without --lm-head")
         if head is not None:  # the untied LM head is one more target, after the blocks
             shapes[head.name] = head.shape
         # the ratio the target layers get: --ratio itself, or with --budget-of model what is left of R·(all
