@@ -392,12 +392,49 @@ def test_moe_routers_are_never_targets(model_type):
     assert "mlp.gate" not in [t.path for t in arch_map(model).in_block(0)]
 
 
-def test_gpt2_conv1d_is_one_clear_error():
-    model = build("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    with pytest.raises(SvdpressError, match=r"GPT2LMHeadModel.*no nn\.Linear.*Conv1D"):
+def test_gpt2_conv1d_layers_are_targets():
+    """Declared (issue 14): GPT-2's Conv1D layers are targets with (out, in) shapes; discovery finds them too."""
+    model = build("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)
+    want = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    arch = arch_map(model)
+    assert arch.declared and _paths(arch, 0) == want
+    assert [(t.shape.m, t.shape.n) for t in arch.in_block(0)] == [(96, 32), (32, 32), (64, 32), (32, 64)]
+    model.config.model_type = "not_declared"
+    assert [t.path for t in arch_map(model).in_block(0)] == want
+
+
+class _Mixer(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x, *args, **kwargs):
+        return x * self.weight
+
+
+def test_blocks_without_linear_layers_are_one_clear_error():
+    """An architecture outside the table whose blocks hold no linear layer: the message names the class, the
+    block list and the module types where the weights were found."""
+    model = build("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64)
+    model.config.model_type = "not_declared"
+    for blk in model.transformer.h:
+        for sub in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            parent, _, leaf = sub.rpartition(".")
+            setattr(blk.get_submodule(parent), leaf, _Mixer(32))
+    with pytest.raises(SvdpressError, match=r"GPT2LMHeadModel.*transformer\.h.*no nn\.Linear.*_Mixer"):
         arch_map(model)
-    with pytest.raises(SvdpressError, match="Conv1D"):
+    with pytest.raises(SvdpressError, match="GPT2LMHeadModel"):
         Runner(model, Placement(offload="none"))
+
+
+def test_no_block_list_is_one_clear_error():
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(SvdpressError, match="unsupported architecture Flat: no list of decoder blocks"):
+        arch_map(Flat())
 
 
 # ---------------------------------------------------------------------------------------------------------------

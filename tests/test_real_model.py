@@ -36,3 +36,18 @@ def test_real_model_round_trip(compressed):
     x = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-4)
+
+
+def test_plan_default_is_fast():
+    """`svdpress plan default --ratio 0.8` (issue 14): under 15 s on 2 CPU cores, without calibrating."""
+    import subprocess
+    import sys
+    import time
+
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "svdpress", "plan", "default", "--ratio", "0.8"], capture_output=True,
+                       text=True)
+    took = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    assert "mlp.down_proj" in r.stdout and "tied to the embeddings" in r.stdout
+    assert took < 15, f"plan took {took:.1f} s"

@@ -271,3 +271,17 @@ def _passes(targets: list, fisher: bool, cap: int) -> list[list]:
         out[-1].append(t)
         used += size
     return out
+
+
+@torch.no_grad()
+def head_input_stats(runner, samples: torch.Tensor, batch_size: int) -> InputStats:
+    """C = Σ_t x_t x_tᵀ of what the LM head reads (the final norm's output, after OPT's project_out), over the
+    calibration tokens: one more pass embed → blocks → final, for `--lm-head`."""
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    stats = None
+    for h in runner.forward(runner.embed(batches)):
+        x = runner.final(h)
+        if stats is None:
+            stats = InputStats.zeros(x.shape[-1], x.device)
+        stats.add(x)
+    return stats.cpu()

@@ -158,6 +158,14 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS",
                    help="layers to factor: re:REGEX or globs on the name, e.g. 're:.*mlp.*' or 'self_attn.*'")
     p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor (same syntax)")
+    p.add_argument("--budget-of", choices=("linear", "model"), default=d.budget_of,
+                   help="what --ratio counts: the decoder blocks' linear layers (default, the papers') or every "
+                        "parameter of the model (embeddings, head and norms are kept, the layers get the rest)")
+    p.add_argument("--split-fused", action="store_true",
+                   help="factor fused projections (Phi-3 qkv_proj/gate_up_proj, GPT-NeoX query_key_value, GPT-2 "
+                        "c_attn) part by part instead of as one matrix")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also factor the LM head when it is not tied to the embeddings (tied heads stay dense)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
     p.add_argument("--stats-cache", default=None, help="directory caching calibration statistics")
     p.add_argument("--out", default=None, help="output directory (written atomically)")
@@ -199,7 +207,7 @@ def _compress(a: argparse.Namespace) -> int:
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,
                          pivga=a.pivga, device=a.device, dtype=a.dtype, options=options, offload=a.offload,
                          max_memory=a.max_memory, offload_dir=a.offload_dir, targets=a.targets, ignore=a.ignore,
-                         stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
+                         budget_of=a.budget_of, split_fused=a.split_fused, lm_head=a.lm_head, stats_cache=a.stats_cache, out=a.out, overwrite=a.overwrite, progress=not a.no_progress,
                          eval=eval_config(a, ppl, tasks) if a.eval else None)
     cfg.validate()
     from . import distributed
@@ -232,9 +240,10 @@ def summarize_compression(r: dict) -> str:
         ["method", f"{r['factorize']} + {r['allocate']}" + (" + pivga" if r.get("pivga") else "")],
         ["calibration", "none (ratio 1)" if not r["calibration"] else
          f"{r['calibration']['text']}, {r['calibration']['samples']}x{r['calibration']['seqlen']}"],
-        ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}, "
-                          f"target {r['ratio']['target']})"],
-        ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f})"],
+        ["linear params", f"{p['linear_kept']:,} / {p['linear_dense']:,} (ratio {p['linear_ratio']:.4f}"
+                          + (f", target {r['ratio']['target']})" if r["ratio"].get("budget_of") != "model" else ")")],
+        ["model params", f"{p['model_compressed']:,} / {p['model_dense']:,} (ratio {p['model_ratio']:.4f}"
+                         + (f", target {r['ratio']['target']})" if r["ratio"].get("budget_of") == "model" else ")")],
         ["layers factored", f"{sum(1 for x in r['layers'].values() if x['rank'] is not None)} / {len(r['layers'])}"],
         ["time (s)", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())],
     ]
@@ -314,6 +323,43 @@ def _methods(a: argparse.Namespace) -> int:
     print("factorize:", ", ".join(FACTORIZERS.names()))
     print("allocate: ", ", ".join(ALLOCATORS.names()))
     return 0
+
+
+# ---- plan: where the parameters are and what a ratio keeps, without calibrating (issue 14) --------------------
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'default', a hub id, a model directory or a .gguf file")
+    p.add_argument("--ratio", type=float, required=True, help="kept fraction (of what --budget-of says)")
+    p.add_argument("--budget-of", choices=("linear", "model"), default="linear",
+                   help="what --ratio counts: the decoder blocks' linear layers (default) or every parameter")
+    p.add_argument("--pivga", action="store_true", help="count as PivGa stores the factors (r·(m+n) − r²)")
+    p.add_argument("--lm-head", action="store_true", help="count an untied LM head as a target (as compress)")
+    p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--targets", type=csv, default=(), metavar="PATTERNS", help="layers to factor (as compress)")
+    p.add_argument("--ignore", type=csv, default=(), metavar="PATTERNS", help="layers never to factor")
+    p.add_argument("--json", type=Path, default=None, help="write the plan as JSON to this file")
+
+
+@subcommand("plan", _plan_args)
+def _plan(a: argparse.Namespace) -> int:
+    from .allocate import check_ratio
+    from .model.arch import compile_patterns
+    from .plan import format_plan, plan, skeleton
+
+    check_ratio(a.ratio)
+    compile_patterns(a.targets + a.ignore)
+    if a.rank_multiple < 1:
+        raise SvdpressError("--rank-multiple must be ≥ 1")
+    if a.json is not None:
+        check_json_path(a.json)
+    model = skeleton(a.model)  # on the meta device: no weights are read
+    p = plan(model, a.ratio, a.budget_of, a.pivga, a.rank_multiple, a.targets, a.ignore, a.lm_head)
+    print(format_plan(p))
+    if a.json:
+        from .export import write_json
+
+        write_json(a.json, p)
+    return 0
+# ---- end plan --------------------------------------------------------------------------------------------------
 
 
 # ---- pivga: gauge-fix an already compressed model directory (issue 4) ----------------------------------------

@@ -45,6 +45,9 @@ class EvalConfig:
         return self
 
 
+BUDGETS = ("linear", "model")  # --budget-of: the decoder's target linear layers (the papers'), or every parameter
+
+
 @dataclass
 class CompressConfig:
     model: str = "default"  # hub id, local dir, .gguf file, or "default" (SmolLM2-135M-Instruct)
@@ -65,6 +68,9 @@ class CompressConfig:
     offload_dir: Optional[str] = None  # parent of temporary offload folders (default: the system's temp dir)
     targets: tuple[str, ...] = ()  # layer patterns to factor (re:REGEX or globs); empty = every target
     ignore: tuple[str, ...] = ()  # layer patterns never to factor
+    budget_of: str = "linear"  # what --ratio counts: "linear" (the decoder blocks' target layers) or "model" (all)
+    split_fused: bool = False  # factor fused projections (qkv_proj, gate_up_proj, …) part by part (model/fused.py)
+    lm_head: bool = False  # also factor the LM head when it is not tied to the embeddings
     options: dict[str, Any] = field(default_factory=dict)  # method settings, e.g. {"steps": 200}
     stats_cache: Optional[str] = None
     out: Optional[str] = None
@@ -96,6 +102,12 @@ class CompressConfig:
         from .model.arch import compile_patterns
 
         compile_patterns(self.targets + self.ignore)
+        if self.budget_of not in BUDGETS:
+            raise SvdpressError(f"--budget-of {self.budget_of!r} is unknown; choose one of {', '.join(BUDGETS)}")
+        if self.lm_head:
+            self.check_lm_head()
+        if self.split_fused and self.offload == "disk":
+            raise SvdpressError("--split-fused needs the model in memory: use --offload none, cpu or auto")
         for flag, path in (("--stats-cache", self.stats_cache), ("--offload-dir", self.offload_dir)):
             if path is not None and Path(path).exists() and not Path(path).is_dir():
                 raise SvdpressError(f"{flag} {path} is a file, not a directory")
@@ -106,6 +118,22 @@ class CompressConfig:
         if self.eval is not None:
             self.eval.validate()
         return self
+
+    def check_lm_head(self) -> None:
+        """--lm-head is supported where the head needs nothing but its input statistics: a factorizer without
+        gradient statistics (G over the vocabulary would be V×V), an allocator that reads shapes and spectra only
+        (the probes and FermiGrad's masks run inside the decoder blocks), classical counting, the model in memory."""
+        from .allocate import ALLOCATORS
+        from .factorize import FACTORIZERS
+
+        if FACTORIZERS[self.factorize].needs_gradients:
+            raise SvdpressError(f"--lm-head with --factorize {self.factorize}: its gradient statistics over the "
+                                "vocabulary are not computed; use svd, asvd, svd-llm or svd-llm-v2")
+        if getattr(ALLOCATORS[self.allocate], "measures_model", True):
+            raise SvdpressError(f"--lm-head with --allocate {self.allocate}: only allocators that read the spectra "
+                                "alone can include the head yet; use --allocate uniform")
+        if self.pivga or self.offload == "disk":
+            raise SvdpressError("--lm-head does not combine with --pivga or --offload disk yet")
 
     def placement(self, device: str):
         """The runner's placement for these settings on `device`."""

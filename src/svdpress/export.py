@@ -39,9 +39,18 @@ FORMAT_VERSION = 1
 
 def factored_layers(model: nn.Module) -> dict[str, dict]:
     """{name: {kind, rank}} for every factored layer in the model: what the config must record to rebuild it."""
+    from .lowrank import SplitLinear
+
     kinds = {cls: kind for kind, cls in LAYER_KINDS.items()}
-    return {name: {"kind": kinds[type(m)], "rank": int(m.rank)}
-            for name, m in model.named_modules() if type(m) in kinds}
+    out: dict[str, dict] = {}
+    for name, m in model.named_modules():  # parents first: a split fused layer is installed before its parts
+        if isinstance(m, SplitLinear):
+            # a list of [name, rows]: the parts' order is the output order (a JSON object's keys may get sorted)
+            out[name] = {"kind": "split", "parts": [[n, int(getattr(m, n).out_features)] for n in m.names],
+                         "interleaved": m.order is not None}
+        elif type(m) in kinds:
+            out[name] = {"kind": kinds[type(m)], "rank": int(m.rank)}
+    return out
 
 
 def json_default(o):

@@ -112,6 +112,32 @@ class PivGaLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class SplitLinear(nn.Module):
+    """A fused projection split into its logical parts, each its own layer: y = [W_q x + b_q | W_k x + b_k | …],
+    with the outputs put back in the fused layer's order by `order` where the parts' rows were interleaved
+    (GPT-NeoX's query_key_value, per head [q k v]). The parts are nn.Linear children named after their role
+    (q, k, v; gate, up), so each can be replaced by a factored layer and given its own rank."""
+
+    def __init__(self, in_features: int, parts: Mapping[str, int], bias: bool = False, interleaved: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, sum(parts.values())
+        self.names = list(parts)
+        for name, size in parts.items():
+            self.add_module(name, nn.Linear(in_features, size, bias=bias, device=device, dtype=dtype))
+        if interleaved:  # output j of the fused layer is output order[j] of the concatenated parts
+            self.register_buffer("order", torch.arange(self.out_features, device=device), persistent=True)
+        else:
+            self.order = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([getattr(self, n)(x) for n in self.names], dim=-1)
+        return y if self.order is None else y.index_select(-1, self.order)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.names}"
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
@@ -122,15 +148,24 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> None:
     """Swap in empty factored layers described by a saved spec {name: {"kind", "rank", ...}} before loading
     weights. Used by the svdpress loader and by the remote code, so both read the same format."""
-    for name, spec in layers.items():
+    splits_first = sorted(layers.items(), key=lambda kv: kv[1].get("kind") != "split")  # stable
+    for name, spec in splits_first:  # a split fused layer is installed before its parts are
         old = model.get_submodule(name)
+        if spec.get("kind") == "split":
+            n_in = old.in_features if hasattr(old, "in_features") else old.weight.shape[0]
+            set_module(model, name, SplitLinear(n_in, {str(p): int(k) for p, k in spec["parts"]}, old.bias is not None,
+                                                bool(spec.get("interleaved")), old.weight.device, old.weight.dtype))
+            continue
         dtype, device = old.weight.dtype, old.weight.device
         bias = old.bias is not None
         kind = spec.get("kind", "lowrank")
         if kind not in LAYER_KINDS:
             raise ValueError(f"unknown factored layer kind {kind!r} for {name}")
-        new = LAYER_KINDS[kind](old.in_features, old.out_features, int(spec["rank"]), bias=bias,
-                                device=device, dtype=dtype)
+        if hasattr(old, "in_features"):  # nn.Linear
+            n_in, n_out = old.in_features, old.out_features
+        else:  # GPT-2's Conv1D: y = x·W + b, W stored (in, out)
+            n_in, n_out = old.weight.shape
+        new = LAYER_KINDS[kind](n_in, n_out, int(spec["rank"]), bias=bias, device=device, dtype=dtype)
         set_module(model, name, new)
 
 

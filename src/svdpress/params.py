@@ -156,3 +156,27 @@ def model_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def uncompressible(model_total: int, shapes: Mapping[str, LayerShape]) -> int:
+    """Parameters outside the target layers (embeddings, LM head, norms, layers not targeted)."""
+    return model_total - dense_count(shapes)
+
+
+def linear_ratio_for_model(ratio: float, model_total: int, shapes: Mapping[str, LayerShape],
+                           pivga: bool = False) -> float:
+    """`--budget-of model`: the ratio R counts every parameter, so the target layers may keep
+    R·total − (uncompressible part), i.e. the linear ratio (R·total − other) / linear_dense. The smallest R
+    possible keeps every target layer at rank 1: (other + Σ count at rank 1) / total; below it is an error."""
+    from .errors import SvdpressError
+
+    other = uncompressible(model_total, shapes)
+    dense = dense_count(shapes)
+    floor = other + count_params(shapes, {n: 1 for n in shapes}, pivga)
+    if ratio * model_total < floor:
+        smallest = math.ceil(floor / model_total * 1000) / 1000
+        raise SvdpressError(f"--budget-of model --ratio {ratio}: the parameters outside the target layers "
+                            f"(embeddings, LM head, norms: {other:,} of {model_total:,}) already take "
+                            f"{other / model_total:.3f} of the model; the smallest ratio possible is {smallest} "
+                            f"(every target layer at rank 1)")
+    return min(1.0, (ratio * model_total - other) / dense)

@@ -33,7 +33,7 @@ from .lowrank import LowRankLinear, set_module
 from .memory import PeakMemory, trim
 from .model import Placement, Runner
 from .models import ModelSource, load_model
-from .params import count_params, dense_count, layer_params, model_params
+from .params import count_params, dense_count, layer_params, linear_ratio_for_model, model_params
 from .store import SpectrumStore, TensorStore
 
 
@@ -247,6 +247,31 @@ def build(runner: Runner, spectra, ranks: dict[str, Optional[int]], pivga: bool 
 
 
 
+def build_layer(model: nn.Module, name: str, spectrum, rank: int) -> None:
+    """One layer outside the blocks (the LM head) replaced by its factors at `rank`."""
+    old = model.get_submodule(name)
+    A, B = spectrum.factors(rank, dtype=old.weight.dtype)
+    bias = old.bias.detach() if old.bias is not None else None
+    set_module(model, name, LowRankLinear.from_factors(A.to(old.weight.device), B.to(old.weight.device), bias,
+                                                       old.weight.dtype))
+
+
+def lm_head_target(runner: Runner):
+    """The LM head as a target (`--lm-head`), or None when it is tied to the input embeddings: then one matrix is
+    both the lookup table and the output projection, and it stays dense (factoring it would either untie it, adding
+    a matrix, or push every embedding lookup through the factors). Tied heads get a one-line warning."""
+    import warnings
+
+    from .model.arch import TargetLayer, linear_shape
+
+    arch, model = runner.arch, runner.model
+    head, emb = model.get_submodule(arch.head_path), model.get_submodule(arch.embed_path)
+    if head.weight is emb.weight:
+        warnings.warn("--lm-head: the LM head is tied to the input embeddings; it stays dense", stacklevel=2)
+        return None
+    return TargetLayer(arch.head_path, arch.num_blocks, "lm_head", linear_shape(head), arch.head_path)
+
+
 def param_report(model_dense_total: int, model: nn.Module, shapes, ranks, pivga: bool = False) -> dict:
     dense = dense_count(shapes)
     kept = count_params(shapes, ranks, pivga)
@@ -301,19 +326,33 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
                 model, source = model_or_id, ModelSource(type(model_or_id).__name__, "<in memory>")
             else:
                 model, tokenizer, source = load_model(cfg.model, torch_dtype(cfg.dtype), "cpu",
-                                                      lazy=cfg.offload != "none")
+                                                      lazy=cfg.offload != "none" and not cfg.split_fused)
+            if cfg.split_fused:  # fused projections become one target per logical part (model/fused.py)
+                from .model.fused import split_fused
+
+                split_fused(model)
             runner = stack.enter_context(Runner(model, cfg.placement(device), source.tensors,
                                                 targets=cfg.targets, ignore=cfg.ignore))
         on_disk = runner.offload == "disk"
         shapes = runner.arch.shapes()
         total_dense = model_params(model)
+        head = lm_head_target(runner) if cfg.lm_head else None
+        if head is not None and on_disk:
+            raise SvdpressError("--lm-head needs the model in memory, but it is streamed from disk (it does not fit "
+                                "the memory budget, or --offload disk): run without --lm-head")
+        if head is not None:  # the untied LM head is one more target, after the blocks
+            shapes[head.name] = head.shape
+        # the ratio the target layers get: --ratio itself, or with --budget-of model what is left of R·(all
+        # parameters) once the uncompressible ones (embeddings, head, norms) are paid for
+        linear_target = (cfg.ratio if cfg.budget_of == "linear"
+                         else linear_ratio_for_model(cfg.ratio, total_dense, shapes, cfg.pivga))
         check_model = getattr(cfg.allocation_settings, "check_model", None)
         if check_model is not None:  # e.g. --ranks against the model's layers and the budget, before calibration
-            check_model(shapes, cfg.ratio, cfg.pivga)
+            check_model(shapes, linear_target, cfg.pivga)
         spectra = SpectrumStore(on_disk, cfg.offload_dir)
         stack.callback(spectra.close)
 
-        if cfg.ratio >= 1:  # nothing to factor: the model goes through the same export, without calibration
+        if linear_target >= 1:  # nothing to factor: the model goes through the same export, without calibration
             samples, calib_part = torch.zeros(0, 0, dtype=torch.long), None
             alloc = Allocation({name: None for name in shapes}, {"note": "ratio 1: every layer kept dense"})
         else:
@@ -326,8 +365,19 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             batch = dist.min_int(runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size))  # one for every rank
             factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
                             cfg.stats_cache, spectra, grads)
+            if head is not None:
+                from .calibrate import head_input_stats
+
+                with stages("calibrate"):
+                    inputs = head_input_stats(runner, samples, batch)
+                with stages("factorize"):
+                    W = runner.weight(head.name).to(device=device, dtype=torch.float64, copy=True)
+                    stats = LayerStats(inputs=_to_device(inputs, device), consume=True)
+                    check_finite(head.name, W, stats)
+                    spectra[head.name] = _cpu(FACTORIZERS[cfg.factorize].fn(W, stats))
+                    del W, stats, inputs
             grads.close()
-            problem = AllocationProblem(shapes, spectra, cfg.ratio, cfg.rank_multiple, dict(cfg.options), runner,
+            problem = AllocationProblem(shapes, spectra, linear_target, cfg.rank_multiple, dict(cfg.options), runner,
                                         samples, cfg.seed, cfg.progress, pivga=cfg.pivga)
             with stages("allocate"):
                 alloc = allocate(problem, cfg.allocate)
@@ -346,6 +396,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         with stages("build"):
             pivga_report = build(runner, spectra, alloc.ranks, cfg.pivga, writer.add if writer else None,
                                  cfg.progress)
+            if head is not None and alloc.ranks.get(head.name) is not None:
+                build_layer(model, head.name, spectra[head.name], alloc.ranks[head.name])
         notes = {name: s.note for name, s in spectra.items() if s.note}  # jitter / eigen fallbacks, per layer
         spectra.close()
 
@@ -359,8 +411,13 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "allocate": cfg.allocate,
             "options": cfg.options,
             "pivga": cfg.pivga,
-            "ratio": {"target": cfg.ratio, "achieved": params["linear_ratio"],
-                      "definition": "kept / dense parameters of the decoder blocks' linear layers"},
+            "ratio": ({"target": cfg.ratio, "achieved": params["linear_ratio"], "budget_of": "linear",
+                       "definition": "kept / dense parameters of the decoder blocks' linear layers"}
+                      if cfg.budget_of == "linear" else
+                      {"target": cfg.ratio, "achieved": params["model_ratio"], "budget_of": "model",
+                       "linear_target": linear_target, "linear_achieved": params["linear_ratio"],
+                       "definition": "kept / dense parameters of the whole model (embeddings, head, norms "
+                                     "included; tied tensors once)"}),
             "params": params,
             "calibration": None if calib_part is None else {
                 "text": calib_part.describe(), "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen,
@@ -368,7 +425,8 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             "seed": cfg.seed,
             "device": device,
             "placement": runner.describe(),
-            "targets": {"include": list(cfg.targets), "ignore": list(cfg.ignore), "layers": len(shapes)},
+            "targets": {"include": list(cfg.targets), "ignore": list(cfg.ignore), "layers": len(shapes),
+                        "split_fused": cfg.split_fused},
             "layers": {name: {"shape": [s.m, s.n], "rank": alloc.ranks[name],
                               "params": layer_params(s, alloc.ranks[name], cfg.pivga), "dense_params": s.dense}
                        for name, s in shapes.items()},
@@ -396,7 +454,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             from .allocate.record import plot_ranks, ranks_document
 
             with stages("export"):
-                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, cfg.ratio, cfg.pivga)
+                doc = ranks_document(cfg.allocate, shapes, alloc.ranks, linear_target, cfg.pivga)
                 extra = {"ranks.json": (json.dumps(doc, indent=1) + "\n").encode(), "ranks.png": plot_ranks(doc)}
                 _record_time(report, stages, t0)
                 writer.finish(runner, tokenizer, report, extra)

@@ -201,9 +201,8 @@ def model_identity(model, source) -> dict[str, Any]:
 
 def _linear_ratio(model, arch) -> float:
     """Kept / dense parameters of the decoder blocks' linear layers, read off a factored model."""
-    import torch.nn as nn
-
     from .lowrank import LAYER_KINDS, PivGaLinear
+    from .model.arch import is_linear, linear_shape
     from .params import LayerShape, layer_params
 
     kept = dense = 0
@@ -211,11 +210,11 @@ def _linear_ratio(model, arch) -> float:
         factored = [n + "." for n, m in blk.named_modules() if isinstance(m, tuple(LAYER_KINDS.values()))]
         for name, m in blk.named_modules():
             is_factored = isinstance(m, tuple(LAYER_KINDS.values()))
-            if not (is_factored or (isinstance(m, nn.Linear) and not name.startswith(tuple(factored)))):
+            if not (is_factored or (is_linear(m) and not name.startswith(tuple(factored)))):
                 continue
             bias = (m.A.bias if isinstance(m, LAYER_KINDS["lowrank"]) else m.C.bias if isinstance(m, PivGaLinear)
                     else m.bias) is not None
-            shape = LayerShape(m.out_features, m.in_features, bias)
+            shape = LayerShape(m.out_features, m.in_features, bias) if is_factored else linear_shape(m)
             dense += shape.dense
             kept += layer_params(shape, m.rank, isinstance(m, PivGaLinear)) if is_factored else shape.dense
     return kept / dense if dense else 1.0

@@ -82,6 +82,10 @@ GPT_NEOX = Family(
     targets=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     pairs=(("mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),),
 )
+GPT2 = Family(  # Conv1D layers (y = x·W + b, W: (in, out)), factored as the linear map Wᵀ; head tied to wte
+    blocks="transformer.h", embed="transformer.wte", norm="transformer.ln_f", head="lm_head",
+    targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+)
 OPT = Family(  # OPT-350m: no final norm (final_layer_norm is None) and a project_out after the blocks
     blocks="model.decoder.layers", embed="model.decoder.embed_tokens", norm="model.decoder.final_layer_norm",
     head="lm_head", out_proj="model.decoder.project_out",
@@ -99,9 +103,29 @@ FAMILIES: dict[str, Family] = {
     "phi3": PHI3,
     "gpt_neox": GPT_NEOX,
     "opt": OPT,
+    "gpt2": GPT2,
 }
 
 ROUTER_NAMES = ("gate", "router")
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's transformers.pytorch_utils.Conv1D: y = x·W + b with W of shape (in, out), i.e. a linear layer whose
+    weight is stored transposed. svdpress factors the linear map Wᵀ (out, in) and replaces it by the same
+    LowRankLinear, so a Conv1D is a target like an nn.Linear."""
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
+def is_linear(m: nn.Module) -> bool:
+    """A layer svdpress can factor: nn.Linear or GPT-2's Conv1D."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def linear_shape(m: nn.Module) -> LayerShape:
+    """(out, in, bias) of an nn.Linear or a Conv1D (whose weight is (in, out))."""
+    if is_conv1d(m):
+        return LayerShape(int(m.weight.shape[1]), int(m.weight.shape[0]), m.bias is not None)
+    return LayerShape(m.out_features, m.in_features, m.bias is not None)
 
 
 @dataclass(frozen=True)
@@ -154,7 +178,17 @@ def _leaf_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
     factored = _factored_kinds()
     skip = [sub + "." for sub, m in block.named_modules() if isinstance(m, factored)]
     return [(sub, m) for sub, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not sub.startswith(tuple(skip))]
+            if is_linear(m) and not sub.startswith(tuple(skip))]
+
+
+def _split_parts(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """A fused layer split by --split-fused (lowrank.SplitLinear) stands for its parts: path.q, path.k, …"""
+    from ..lowrank import SplitLinear
+
+    out = []
+    for p, m in layers:
+        out += [(f"{p}.{n}", getattr(m, n)) for n in m.names] if isinstance(m, SplitLinear) else [(p, m)]
+    return out
 
 
 def _factored_kinds() -> tuple[type, ...]:
@@ -172,7 +206,8 @@ def _is_router(model: nn.Module, path: str, m: nn.Linear) -> bool:
                if isinstance(e, int) and e > 0}
     leaf = path.rsplit(".", 1)[-1]
     named = leaf in ROUTER_NAMES or leaf.endswith(tuple(f"_{n}" for n in ROUTER_NAMES))
-    return bool(experts) and named and (m.out_features in experts or m.out_features == 1)
+    out = linear_shape(m).m
+    return bool(experts) and named and (out in experts or out == 1)
 
 
 def _text_config(cfg: Any) -> Any:
@@ -201,7 +236,7 @@ def discover_blocks(model: nn.Module) -> str:
         return -common
 
     for name, blocks in sorted(candidates, key=nearness):
-        if any(isinstance(x, (nn.Linear,) + _factored_kinds()) for x in blocks[0].modules()):
+        if any(is_linear(x) or isinstance(x, _factored_kinds()) for x in blocks[0].modules()):
             return name
     arch = type(model).__name__
     if candidates:
@@ -209,8 +244,8 @@ def discover_blocks(model: nn.Module) -> str:
         kinds = sorted({type(x).__name__ for x in blocks[0].modules()
                         if not list(x.children()) and getattr(x, "weight", None) is not None})
         raise SvdpressError(f"unsupported architecture {arch}: its decoder blocks ({name}) contain no nn.Linear "
-                            f"layers (weights found in: {', '.join(kinds) or 'none'}; GPT-2 style Conv1D layers are "
-                            "not supported); only models built from nn.Linear can be factored")
+                            f"or Conv1D layers (weights found in: {', '.join(kinds) or 'none'}); only models built "
+                            "from linear layers can be factored")
     raise SvdpressError(f"unsupported architecture {arch}: no list of decoder blocks found")
 
 
@@ -343,12 +378,12 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
         prefix = f"{blocks_path}.{i}"
         if fam is not None:
             linears = [(p, block.get_submodule(p)) for p in fam.targets if _exists(block, p)]
-            linears = [(p, m) for p, m in linears if isinstance(m, nn.Linear)]
+            linears = [(p, m) for p, m in _split_parts(linears) if is_linear(m)]
         else:
             linears = [(p, m) for p, m in _leaf_linears(block) if not _is_router(model, p, m)]
         for path, m in linears:
             name = f"{prefix}.{path}"
-            shape = LayerShape(m.out_features, m.in_features, m.bias is not None)
+            shape = linear_shape(m)
             found.append(TargetLayer(name, i, path.rsplit(".", 1)[-1], shape, path))
         if fam is not None:
             have = {p for p, _ in linears}
@@ -357,7 +392,7 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
             pairs = fam.pairs
         else:  # discovered: the Llama-style MLP pair when its three layers are there (PivGa checks it anyway)
             pairs = (("mlp.down_proj", MLP),)
-        kinds = (nn.Linear,) + _factored_kinds()  # a factored model keeps its pairs
+        kinds = (nn.Linear,) + _factored_kinds()  # a factored model keeps its pairs (Conv1D rows are columns: none)
         for consumer, producers in pairs:
             if all(_exists(block, p) and isinstance(block.get_submodule(p), kinds) for p in (consumer, *producers)):
                 absorbers[f"{prefix}.{consumer}"] = [f"{prefix}.{p}" for p in producers]

@@ -315,9 +315,13 @@ class Runner:
                 yield (self.tensor_value(name) if t.dim() == 0 else t.detach()[a:b]).cpu()
 
     def weight(self, name: str) -> torch.Tensor:
-        """The weight of layer `name` as stored (read from disk when streaming), for factorization."""
+        """The weight W (out, in) of layer `name` (read from disk when streaming), for factorization: a Conv1D's
+        stored (in, out) weight is handed over transposed, so every factorizer sees y = W x."""
+        from .arch import is_conv1d
+
         t = self._tensor(f"{name}.weight")
-        return self._read(f"{name}.weight").to(t.dtype) if _on_meta(t) else t.detach()
+        w = self._read(f"{name}.weight").to(t.dtype) if _on_meta(t) else t.detach()
+        return w.t().contiguous() if is_conv1d(self.model.get_submodule(name)) else w
 
     def rebuild_block(self, i: int, build: Callable[[nn.Module], None],
                       write: Optional[Callable[[dict], object]] = None) -> None:
@@ -436,6 +440,16 @@ class Runner:
     @property
     def head(self) -> Head:
         head = self.model.get_submodule(self.arch.head_path)
+        if hasattr(head, "A") and hasattr(head, "B"):  # a factored head (--lm-head): W_c = A_c·B, chunk by chunk
+            A, B = head.A.weight, head.B.weight
+            rows = lambda a, b: (A[a:b] @ B).to(self.device)  # noqa: E731
+            bias = head.A.bias.to(self.device) if head.A.bias is not None else None
+            scale = getattr(self.arch, "logit_scale", 1.0)
+            if scale != 1.0:
+                factored = rows
+                rows = lambda a, b: factored(a, b) * scale  # noqa: E731
+                bias = bias * scale if bias is not None else None
+            return Head(rows, head.out_features, bias, self.arch.softcap, width=head.in_features)
         w = head.weight
         bias = getattr(head, "bias", None)
         if bias is not None:
