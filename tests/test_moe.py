@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from svdpress.errors import SvdpressError
 from svdpress.lowrank import set_module
 from svdpress.model.arch import arch_map
-from svdpress.moe import FactoredExperts, RoutedStats, expert_targets, experts_modules
+from svdpress.moe import FactoredExperts, RoutedStats, factor_experts, expert_targets, experts_modules
 
 FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -92,7 +92,7 @@ def test_full_rank_factored_experts_reproduce_the_model(mt):
             model(x)
         for name, m in list(experts_modules(model).items()):
             E, f2, d = m.gate_up_proj.shape
-            new, fb = FactoredExperts.from_experts(m, [min(f2, d)] * E, [min(f2 // 2, d)] * E, st.gram, st.tokens,
+            new, fb = factor_experts(m, [min(f2, d)] * E, [min(f2 // 2, d)] * E, st.gram, st.tokens,
                                                    prefix=name, min_tokens=1)
             set_module(model, name, new)
         out = model(x).logits
@@ -108,8 +108,8 @@ def test_routed_whitening_beats_plain_svd_on_routed_tokens_and_fallback_is_recor
         model(ids(4, 32))
     E = m.gate_up_proj.shape[0]
     r = 6
-    whit, fb = FactoredExperts.from_experts(m, [r] * E, [r] * E, st.gram, st.tokens, prefix=name, min_tokens=1)
-    plain, _ = FactoredExperts.from_experts(m, [r] * E, [r] * E, None, prefix=name)
+    whit, fb = factor_experts(m, [r] * E, [r] * E, st.gram, st.tokens, prefix=name, min_tokens=1)
+    plain, _ = factor_experts(m, [r] * E, [r] * E, None, prefix=name)
     assert fb == []
     for e in range(E):
         G = st.gram[f"{name}.{e}.gate_up_proj"]
@@ -119,7 +119,7 @@ def test_routed_whitening_beats_plain_svd_on_routed_tokens_and_fallback_is_recor
         assert err(whit) <= err(plain) * (1 + 1e-6)
     counts = [st.tokens[f"{name}.{e}.gate_up_proj"] for e in range(E)]
     thr = sorted(counts)[-1]  # every expert below the largest count falls back
-    _, fb = FactoredExperts.from_experts(m, [r] * E, [r] * E, st.gram, st.tokens, prefix=name, min_tokens=thr)
+    _, fb = factor_experts(m, [r] * E, [r] * E, st.gram, st.tokens, prefix=name, min_tokens=thr)
     assert fb == [e for e in range(E) if counts[e] < thr] and fb
 
 
@@ -127,6 +127,6 @@ def test_bad_ranks_are_clear_errors():
     model = tiny("olmoe")
     name, m = next(iter(experts_modules(model).items()))
     with pytest.raises(SvdpressError, match="rank 0 outside"):
-        FactoredExperts.from_experts(m, [0] * 4, [1] * 4, prefix=name)
+        factor_experts(m, [0] * 4, [1] * 4, prefix=name)
     with pytest.raises(SvdpressError, match="need 4 ranks"):
-        FactoredExperts.from_experts(m, [1] * 3, [1] * 4, prefix=name)
+        factor_experts(m, [1] * 3, [1] * 4, prefix=name)

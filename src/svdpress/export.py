@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .errors import SvdpressError
-from .lowrank import LAYER_KINDS
+from .lowrank import LAYER_KINDS, MODULE_KINDS
 from .model.weights import ST_DTYPES
 from .models import MANIFEST
 
@@ -40,8 +40,11 @@ FORMAT_VERSION = 1
 def factored_layers(model: nn.Module) -> dict[str, dict]:
     """{name: {kind, rank}} for every factored layer in the model: what the config must record to rebuild it."""
     kinds = {cls: kind for kind, cls in LAYER_KINDS.items()}
-    return {name: {"kind": kinds[type(m)], "rank": int(m.rank)}
-            for name, m in model.named_modules() if type(m) in kinds}
+    layers = {name: {"kind": kinds[type(m)], "rank": int(m.rank)}
+              for name, m in model.named_modules() if type(m) in kinds}
+    modules = {cls: kind for kind, cls in MODULE_KINDS.items()}  # whole modules (MoE experts) describe themselves
+    layers.update({name: m.spec() for name, m in model.named_modules() if type(m) in modules})
+    return layers
 
 
 def json_default(o):

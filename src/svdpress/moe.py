@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SvdpressError
+from .lowrank import FactoredExperts
 
 MIN_TOKENS = 16  # fewer routed tokens than this: the expert falls back to plain SVD
 
@@ -130,73 +131,32 @@ def _factor(W: torch.Tensor, G: Optional[torch.Tensor], rank: int) -> tuple[torc
     return U[:, :rank] * s[:rank], Vh[:rank] @ Sinv
 
 
-class FactoredExperts(nn.Module):
-    """Drop-in replacement for a fused experts module, with per-expert low-rank factors (ranks may differ per
-    expert): gate_up[e] = A_gu[e] B_gu[e], down[e] = A_down[e] B_down[e]. Same forward signature and the same
-    loop as transformers' eager experts forward, so at full rank it reproduces the original."""
-
-    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, ranks_gu, ranks_down,
-                 act_fn: nn.Module, dtype=None, device=None) -> None:
-        super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
-        self.act_fn = act_fn
-        self.ranks_gu, self.ranks_down = list(ranks_gu), list(ranks_down)
-        kw = dict(dtype=dtype, device=device)
-        d, f = hidden_dim, intermediate_dim
-        self.gu_A = nn.ParameterList([nn.Parameter(torch.empty(2 * f, r, **kw)) for r in self.ranks_gu])
-        self.gu_B = nn.ParameterList([nn.Parameter(torch.empty(r, d, **kw)) for r in self.ranks_gu])
-        self.down_A = nn.ParameterList([nn.Parameter(torch.empty(d, r, **kw)) for r in self.ranks_down])
-        self.down_B = nn.ParameterList([nn.Parameter(torch.empty(r, f, **kw)) for r in self.ranks_down])
-
-    @classmethod
-    @torch.no_grad()
-    def from_experts(cls, m: nn.Module, ranks_gu, ranks_down, grams: Optional[Mapping[str, torch.Tensor]] = None,
-                     tokens: Optional[Mapping[str, int]] = None, prefix: str = "",
-                     min_tokens: int = MIN_TOKENS) -> tuple["FactoredExperts", list[int]]:
-        """Factor every expert of `m` (SVD-LLM with its routed Gram; plain SVD for experts with fewer than
-        `min_tokens` routed tokens or when `grams` is None). Returns the module and the experts that fell back."""
-        E, f2, d = m.gate_up_proj.shape
-        if len(ranks_gu) != E or len(ranks_down) != E:
-            raise SvdpressError(f"{prefix or 'experts'}: need {E} ranks per projection, got "
-                                f"{len(ranks_gu)} and {len(ranks_down)}")
-        for r, lim, what in [(r, min(f2, d), "gate_up") for r in ranks_gu] + \
-                            [(r, min(f2 // 2, d), "down") for r in ranks_down]:
-            if not 1 <= r <= lim:
-                raise SvdpressError(f"{prefix or 'experts'}: {what} rank {r} outside 1..{lim}")
-        dtype = m.gate_up_proj.dtype
-        new = cls(E, d, f2 // 2, ranks_gu, ranks_down, m.act_fn, dtype=dtype, device=m.gate_up_proj.device)
-        fell_back = []
-        for e in range(E):
-            key = f"{prefix}.{e}" if prefix else str(e)
-            seen = (tokens or {}).get(f"{key}.gate_up_proj", 0)
-            use = grams is not None and seen >= min_tokens
-            if grams is not None and not use:
-                fell_back.append(e)
-            for W, r, proj, A, B in ((m.gate_up_proj[e], ranks_gu[e], "gate_up_proj", new.gu_A, new.gu_B),
-                                     (m.down_proj[e], ranks_down[e], "down_proj", new.down_A, new.down_B)):
-                a, b = _factor(W, grams[f"{key}.{proj}"] if use else None, r)
-                A[e].copy_(a.to(dtype))
-                B[e].copy_(b.to(dtype))
-        return new, fell_back
-
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit:
-            e = int(e[0])
-            if e == self.num_experts:
-                continue
-            pos, tok = torch.where(mask[e])
-            x = hidden_states[tok]
-            gate, up = ((x @ self.gu_B[e].T) @ self.gu_A[e].T).chunk(2, dim=-1)
-            h = (self.act_fn(gate) * up) @ self.down_B[e].T @ self.down_A[e].T
-            h = h * top_k_weights[tok, pos, None]
-            final.index_add_(0, tok, h.to(final.dtype))
-        return final
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"intermediate_dim={self.intermediate_dim}, ranks_gu={self.ranks_gu}, ranks_down={self.ranks_down}")
+@torch.no_grad()
+def factor_experts(m: nn.Module, ranks_gu, ranks_down, grams: Optional[Mapping[str, torch.Tensor]] = None,
+                 tokens: Optional[Mapping[str, int]] = None, prefix: str = "",
+                 min_tokens: int = MIN_TOKENS) -> tuple[FactoredExperts, list[int]]:
+    """Factor every expert of `m` (SVD-LLM with its routed Gram; plain SVD for experts with fewer than
+    `min_tokens` routed tokens or when `grams` is None). Returns the module and the experts that fell back."""
+    E, f2, d = m.gate_up_proj.shape
+    if len(ranks_gu) != E or len(ranks_down) != E:
+        raise SvdpressError(f"{prefix or 'experts'}: need {E} ranks per projection, got "
+                            f"{len(ranks_gu)} and {len(ranks_down)}")
+    for r, lim, what in [(r, min(f2, d), "gate_up") for r in ranks_gu] + \
+                        [(r, min(f2 // 2, d), "down") for r in ranks_down]:
+        if not 1 <= r <= lim:
+            raise SvdpressError(f"{prefix or 'experts'}: {what} rank {r} outside 1..{lim}")
+    dtype = m.gate_up_proj.dtype
+    new = FactoredExperts(E, d, f2 // 2, ranks_gu, ranks_down, m.act_fn, dtype=dtype, device=m.gate_up_proj.device)
+    fell_back = []
+    for e in range(E):
+        key = f"{prefix}.{e}" if prefix else str(e)
+        seen = (tokens or {}).get(f"{key}.gate_up_proj", 0)
+        use = grams is not None and seen >= min_tokens
+        if grams is not None and not use:
+            fell_back.append(e)
+        for W, r, proj, A, B in ((m.gate_up_proj[e], ranks_gu[e], "gate_up_proj", new.gu_A, new.gu_B),
+                                 (m.down_proj[e], ranks_down[e], "down_proj", new.down_A, new.down_B)):
+            a, b = _factor(W, grams[f"{key}.{proj}"] if use else None, r)
+            A[e].copy_(a.to(dtype))
+            B[e].copy_(b.to(dtype))
+    return new, fell_back
