@@ -20,9 +20,9 @@ FAMILIES = {
 }
 
 
-def tiny(model_type):
+def tiny(model_type, vocab_size=64):
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                **FAMILIES[model_type])
     cfg._attn_implementation = "eager"
@@ -176,3 +176,22 @@ def test_round_trip_both_loaders_and_parameter_count(mt, tmp_path, tokenizer):
         with torch.no_grad():
             got = m2(x).logits
         assert ((got - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_compress_experts_uniform_counts_and_reports_fallbacks():
+    from svdpress.moe import compress_experts, uniform_rank
+    from svdpress.params import model_params
+
+    model = tiny("qwen3_moe")
+    E, f2, d = next(iter(experts_modules(model).values())).gate_up_proj.shape
+    dense = model_params(model)
+    rep = compress_experts(model, [ids(1, 8)], 0.5, min_tokens=5)
+    r_gu, r_d = uniform_rank(f2, d, 0.5), uniform_rank(d, f2 // 2, 0.5)
+    assert (r_gu, r_d) == (int(0.5 * f2 * d / (f2 + d)), int(0.5 * d * f2 // 2 / (d + f2 // 2)))
+    per_expert_before, per_expert_after = f2 * d + d * f2 // 2, r_gu * (f2 + d) + r_d * (d + f2 // 2)
+    assert model_params(model) == dense - 2 * E * (per_expert_before - per_expert_after)
+    for r in rep["experts"].values():  # 8 tokens × top-2 over 4 experts: some see fewer than 5
+        assert r["fell_back"] == [e for e, t in enumerate(r["tokens"]) if t < 5]
+        assert sum(r["tokens"]) == 8 * 2 and r["fell_back"]  # 16 routings over 4 experts: one sees < 5
+    with pytest.raises(SvdpressError, match="ratio must be"):
+        compress_experts(tiny("olmoe"), [ids()], 1.5)

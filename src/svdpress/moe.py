@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SvdpressError
-from .lowrank import FactoredExperts
+from .lowrank import FactoredExperts, set_module
 
 MIN_TOKENS = 16  # fewer routed tokens than this: the expert falls back to plain SVD
 
@@ -160,3 +160,32 @@ def factor_experts(m: nn.Module, ranks_gu, ranks_down, grams: Optional[Mapping[s
             A[e].copy_(a.to(dtype))
             B[e].copy_(b.to(dtype))
     return new, fell_back
+
+
+def uniform_rank(m: int, n: int, ratio: float) -> int:
+    """The rank keeping `ratio` of an m × n matrix's parameters as r(m + n) (at least 1, at most min(m, n))."""
+    return max(1, min(min(m, n), int(ratio * m * n / (m + n))))
+
+
+@torch.no_grad()
+def compress_experts(model: nn.Module, batches, ratio: float, min_tokens: int = MIN_TOKENS) -> dict:
+    """SVD-LLM + uniform on every expert of an in-memory model: routed Grams from `batches` (token-id tensors),
+    each expert matrix at `uniform_rank`, experts with fewer than `min_tokens` routed tokens by plain SVD.
+    Returns {"experts": {module: {"ranks_gu", "ranks_down", "tokens", "fell_back"}}} for the manifest."""
+    if not 0 < ratio <= 1:
+        raise SvdpressError(f"ratio must be in (0, 1], got {ratio}")
+    with RoutedStats(model) as st:
+        for x in batches:
+            model(x)
+    report = {}
+    for name, m in list(experts_modules(model).items()):
+        if isinstance(m, FactoredExperts):
+            continue
+        E, f2, d = m.gate_up_proj.shape
+        ranks_gu = [uniform_rank(f2, d, ratio)] * E
+        ranks_down = [uniform_rank(d, f2 // 2, ratio)] * E
+        new, fell = factor_experts(m, ranks_gu, ranks_down, st.gram, st.tokens, prefix=name, min_tokens=min_tokens)
+        set_module(model, name, new)
+        report[name] = {"ranks_gu": ranks_gu, "ranks_down": ranks_down, "fell_back": fell,
+                        "tokens": [st.tokens.get(f"{name}.{e}.gate_up_proj", 0) for e in range(E)]}
+    return {"experts": report, "min_tokens": min_tokens}
