@@ -195,3 +195,19 @@ def test_compress_experts_uniform_counts_and_reports_fallbacks():
         assert sum(r["tokens"]) == 8 * 2 and r["fell_back"]  # 16 routings over 4 experts: one sees < 5
     with pytest.raises(SvdpressError, match="ratio must be"):
         compress_experts(tiny("olmoe"), [ids()], 1.5)
+
+
+@pytest.mark.parametrize("mt", list(FAMILIES))
+def test_moe_families_are_declared(mt):
+    from svdpress.model.arch import FAMILIES as TABLE
+
+    model = tiny(mt)
+    am = arch_map(model)
+    assert am.declared and am.model_type == mt
+    fam = TABLE[mt]
+    assert set(experts_modules(model)) == {f"{am.blocks_path}.{i}.{fam.experts}" for i in range(am.num_blocks)}
+    leaves = {t.path for t in am.targets}
+    want = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    if mt == "qwen2_moe":
+        want |= {f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert leaves == want
