@@ -211,3 +211,12 @@ def test_moe_families_are_declared(mt):
     if mt == "qwen2_moe":
         want |= {f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     assert leaves == want
+
+
+def test_non_finite_expert_weights_are_an_error():
+    model = tiny("mixtral")
+    name, m = next(iter(experts_modules(model).items()))
+    with torch.no_grad():
+        m.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(SvdpressError, match="non-finite weights in expert 2"):
+        factor_experts(m, [4] * 4, [4] * 4, prefix=name)

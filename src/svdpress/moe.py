@@ -152,6 +152,8 @@ def factor_experts(m: nn.Module, ranks_gu, ranks_down, grams: Optional[Mapping[s
         key = f"{prefix}.{e}" if prefix else str(e)
         seen = (tokens or {}).get(f"{key}.gate_up_proj", 0)
         use = grams is not None and seen >= min_tokens
+        if not (torch.isfinite(m.gate_up_proj[e]).all() and torch.isfinite(m.down_proj[e]).all()):
+            raise SvdpressError(f"non-finite weights in expert {e} of {prefix or 'experts'}")
         if grams is not None and not use:
             fell_back.append(e)
         for W, r, proj, A, B in ((m.gate_up_proj[e], ranks_gu[e], "gate_up_proj", new.gu_A, new.gu_B),
