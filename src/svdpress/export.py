@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .errors import SvdpressError
-from .lowrank import LAYER_KINDS
+from .lowrank import LAYER_KINDS, MODULE_KINDS
 from .model.weights import ST_DTYPES
 from .models import MANIFEST
 
@@ -43,6 +43,7 @@ def factored_layers(model: nn.Module) -> dict[str, dict]:
 
     kinds = {cls: kind for kind, cls in LAYER_KINDS.items()}
     out: dict[str, dict] = {}
+    modules = {cls: kind for kind, cls in MODULE_KINDS.items()}  # whole modules (MoE experts) describe themselves
     for name, m in model.named_modules():  # parents first: a split fused layer is installed before its parts
         if isinstance(m, SplitLinear):
             # a list of [name, rows]: the parts' order is the output order (a JSON object's keys may get sorted)
@@ -50,6 +51,8 @@ def factored_layers(model: nn.Module) -> dict[str, dict]:
                          "interleaved": m.order is not None}
         elif type(m) in kinds:
             out[name] = {"kind": kinds[type(m)], "rank": int(m.rank)}
+        elif type(m) in modules:
+            out[name] = m.spec()
     return out
 
 

@@ -138,6 +138,58 @@ class SplitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.names}"
 
 
+class FactoredExperts(nn.Module):
+    """Drop-in replacement for a fused experts module, with per-expert low-rank factors (ranks may differ per
+    expert): gate_up[e] = A_gu[e] B_gu[e], down[e] = A_down[e] B_down[e]. Same forward signature and the same
+    loop as transformers' eager experts forward, so at full rank it reproduces the original."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, ranks_gu, ranks_down,
+                 act_fn: nn.Module, dtype=None, device=None) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.act_fn = act_fn
+        self.ranks_gu, self.ranks_down = list(ranks_gu), list(ranks_down)
+        kw = dict(dtype=dtype, device=device)
+        d, f = hidden_dim, intermediate_dim
+        self.gu_A = nn.ParameterList([nn.Parameter(torch.empty(2 * f, r, **kw)) for r in self.ranks_gu])
+        self.gu_B = nn.ParameterList([nn.Parameter(torch.empty(r, d, **kw)) for r in self.ranks_gu])
+        self.down_A = nn.ParameterList([nn.Parameter(torch.empty(d, r, **kw)) for r in self.ranks_down])
+        self.down_B = nn.ParameterList([nn.Parameter(torch.empty(r, f, **kw)) for r in self.ranks_down])
+
+    @classmethod
+    def empty_for(cls, old: nn.Module, spec) -> "FactoredExperts":
+        """Empty factors shaped by a saved spec {"kind": "experts", "ranks_gu", "ranks_down"}, replacing `old`
+        (the original experts module: its act_fn is reused)."""
+        E, f2, d = old.gate_up_proj.shape
+        return cls(E, d, f2 // 2, spec["ranks_gu"], spec["ranks_down"], old.act_fn,
+                   dtype=old.gate_up_proj.dtype, device=old.gate_up_proj.device)
+
+    def spec(self) -> dict:
+        return {"kind": "experts", "ranks_gu": list(self.ranks_gu), "ranks_down": list(self.ranks_down)}
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = int(e[0])
+            if e == self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            x = hidden_states[tok]
+            gate, up = ((x @ self.gu_B[e].T) @ self.gu_A[e].T).chunk(2, dim=-1)
+            h = (self.act_fn(gate) * up) @ self.down_B[e].T @ self.down_A[e].T
+            h = h * top_k_weights[tok, pos, None]
+            final.index_add_(0, tok, h.to(final.dtype))
+        return final
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+                f"intermediate_dim={self.intermediate_dim}, ranks_gu={self.ranks_gu}, ranks_down={self.ranks_down}")
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted path `name`."""
     parent_name, _, child = name.rpartition(".")
@@ -151,6 +203,9 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
     splits_first = sorted(layers.items(), key=lambda kv: kv[1].get("kind") != "split")  # stable
     for name, spec in splits_first:  # a split fused layer is installed before its parts are
         old = model.get_submodule(name)
+        if spec.get("kind") in MODULE_KINDS:  # a whole module replaced (MoE experts), not a linear layer
+            set_module(model, name, MODULE_KINDS[spec["kind"]].empty_for(old, spec))
+            continue
         if spec.get("kind") == "split":
             n_in = old.in_features if hasattr(old, "in_features") else old.weight.shape[0]
             set_module(model, name, SplitLinear(n_in, {str(p): int(k) for p, k in spec["parts"]}, old.bias is not None,
@@ -170,3 +225,4 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
 
 
 LAYER_KINDS: dict[str, type] = {"lowrank": LowRankLinear, "pivga": PivGaLinear}
+MODULE_KINDS: dict[str, type] = {"experts": FactoredExperts}

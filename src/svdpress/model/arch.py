@@ -53,6 +53,7 @@ class Family:
     pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     out_proj: str = ""  # a projection after the final norm, where the model has one (OPT-350m's project_out)
     logit_scale: Optional[Callable[[Any], float]] = None  # config -> factor on the logits (before soft-capping)
+    experts: str = ""  # MoE: the fused experts module in a block (3-D gate_up_proj/down_proj; svdpress.moe)
 
 
 def _cohere_scale(cfg: Any) -> float:
@@ -94,6 +95,16 @@ OPT = Family(  # OPT-350m: no final norm (final_layer_norm is None) and a projec
     pairs=(("fc2", ("fc1",)),),
 )
 
+# MoE (transformers 5): routed experts are one fused module per block (svdpress.moe makes one target per expert
+# and projection); routers are their own module type, never listed. The Llama MLP paths stay listed for blocks that
+# keep a dense MLP (mlp_only_layers / decoder_sparse_step); Qwen2-MoE's shared expert is an ordinary MLP (a target),
+# its scalar shared_expert_gate is not.
+MOE = replace(LLAMA, experts="mlp.experts")
+SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+QWEN2_MOE = replace(MOE, targets=MOE.targets + SHARED + ("mlp.shared_expert.down_proj",),
+                    groups=MOE.groups + (SHARED,),
+                    pairs=MOE.pairs + (("mlp.shared_expert.down_proj", SHARED),))
+
 # config.model_type → layout. Llama-style families share one declaration.
 FAMILIES: dict[str, Family] = {
     **{t: LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
@@ -104,6 +115,8 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": GPT_NEOX,
     "opt": OPT,
     "gpt2": GPT2,
+    **{t: MOE for t in ("mixtral", "qwen3_moe", "olmoe")},
+    "qwen2_moe": QWEN2_MOE,
 }
 
 ROUTER_NAMES = ("gate", "router")
