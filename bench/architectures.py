@@ -1,4 +1,4 @@
-"""Every declared dense family: time and peak memory of `compress` on its tiny config, and the round-trip status.
+"""Every declared family (MoE included): time and peak memory of `compress` on its tiny config, and the round-trip status.
 
     python bench/architectures.py                               # every family, svd-llm + uniform at 0.6
     python bench/architectures.py --method kfac+lems --families phi3,gpt2

@@ -1,4 +1,4 @@
-"""Every declared dense family, compress → export → reload, from a tiny random config (issue #14).
+"""Every declared family (MoE included), compress → export → reload, from a tiny random config (issue #14).
 
 For each family a tiny model is built from its config class (no hub), compressed with two method combinations
 (svd-llm + uniform, kfac + lems, svd-llm + fermigrad with 2 steps; PivGa on one of them), saved,
@@ -40,6 +40,13 @@ CONFIGS = {
     "gpt_neox": dict(tie_word_embeddings=False),
     "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=64, bos_token_id=1, eos_token_id=2),
+    # MoE: every routed expert's matrices are targets (svdpress.moe)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
 }
 GPT2_KEEP = ("vocab_size",)  # GPT-2's config takes its own names; only these come from BASE/the tokenizer
 

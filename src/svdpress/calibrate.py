@@ -128,6 +128,11 @@ def _block_stats(runner, samples: torch.Tensor, batch_size: int, progress: bool)
                 seen.clear()
                 for hd in handles:
                     hd.remove()
+        for t in runner.arch.in_block(i):  # a layer the batches never reached (an expert no token was routed to)
+            if t.name not in stats:
+                stats[t.name] = InputStats.zeros(t.shape.n, runner.device)
+        # one order for every rank: the architecture's (the order hooks met inputs in depends on the routing)
+        stats = {t.name: stats[t.name] for t in runner.arch.in_block(i)}
         _all_reduce_inputs(stats)
         out = _finish(i, stats)
         stats = seen = None  # the suspended generator must not keep this block's X·Xᵀ alive (the consumer
@@ -193,17 +198,23 @@ class _GradAccumulator:
             out.register_hook(lambda g: self._backward(name, m, n, self.device, x, g))
         return fn
 
+    def zeros(self, m: int, n: int) -> dict[str, torch.Tensor]:
+        z = {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=self.device)}
+        if self.fisher:
+            z["weight_fisher"] = torch.zeros(m, n, dtype=torch.float64, device=self.device)
+        return z
+
     def _backward(self, name: str, m: int, n: int, device, x: torch.Tensor, g: torch.Tensor) -> None:
         s = self.stats.get(name)
         if s is None:  # built once (setdefault would zero a new m×m float64 matrix on every batch)
-            s = self.stats[name] = {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=device)}
+            s = self.stats[name] = self.zeros(m, n)
         g = g.float()
         add_gram(s["out_grad"], g.reshape(-1, m))  # G += Σ_t g_t g_tᵀ
         if self.fisher:
-            b = g.shape[0]
-            dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))  # ∂L_s/∂W
-            if "weight_fisher" not in s:
-                s["weight_fisher"] = torch.zeros(m, n, dtype=torch.float64, device=device)
+            # ∂L_s/∂W = Σ_{t∈s} g_t x_tᵀ. A routed expert sees a flat list of tokens (no sequence axis): each
+            # of its calls then counts as one sample
+            b = g.shape[0] if g.dim() == 3 else 1
+            dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))
             s["weight_fisher"] += (dW ** 2).sum(0).double()  # F += Σ_s (∂L_s/∂W)²
 
 
@@ -236,17 +247,20 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
     cap = dist.min_int(runner.budget() // 4)  # every rank must split a block into the same passes
     parts = [_passes(runner.arch.in_block(i), fisher, cap) for i in range(len(runner.blocks))]
 
+    pending: list = []  # the layers of the pass under way
+
     def hook(i: int, _blk, p: int) -> list:
         done(i)  # the previous pass's layers are complete
+        pending.extend(parts[i][p])
         return [runner.model.get_submodule(t.name).register_forward_hook(acc.forward(t.name, t.shape.m, t.shape.n))
                 for t in parts[i][p]]
 
     def done(i: int) -> None:
-        for t in runner.arch.in_block(i):
-            if t.name in acc.stats:
-                s = acc.stats.pop(t.name)
-                dist.all_reduce_sum([s[k] for k in sorted(s)], "gradient statistics")  # over ranks' batches
-                keep(t.name, {k: v.cpu() for k, v in s.items()})
+        for t in pending:  # every layer of the pass, in one order on every rank (an expert no token was routed
+            s = acc.stats.pop(t.name, None) or acc.zeros(t.shape.m, t.shape.n)  # to has zero statistics)
+            dist.all_reduce_sum([s[k] for k in sorted(s)], "gradient statistics")  # over ranks' batches
+            keep(t.name, {k: v.cpu() for k, v in s.items()})
+        pending.clear()
         trim()  # the pass's autograd temporaries go back to the system, not into the next pass's peak
 
     bar = tqdm(total=len(runner.blocks), desc="gradients", unit="block", disable=not progress)

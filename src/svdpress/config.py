@@ -101,6 +101,9 @@ class CompressConfig:
         self.placement("cpu")
         from .model.arch import compile_patterns
 
+        for name in ("targets", "ignore"):  # a list or one pattern from the Python API: kept as a tuple
+            v = getattr(self, name)
+            setattr(self, name, (v,) if isinstance(v, str) else tuple(v))
         compile_patterns(self.targets + self.ignore)
         if self.budget_of not in BUDGETS:
             raise SvdpressError(f"--budget-of {self.budget_of!r} is unknown; choose one of {', '.join(BUDGETS)}")

@@ -138,56 +138,73 @@ class SplitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.names}"
 
 
-class FactoredExperts(nn.Module):
-    """Drop-in replacement for a fused experts module, with per-expert low-rank factors (ranks may differ per
-    expert): gate_up[e] = A_gu[e] B_gu[e], down[e] = A_down[e] B_down[e]. Same forward signature and the same
-    loop as transformers' eager experts forward, so at full rank it reproduces the original."""
+class Expert(nn.Module):
+    """One routed expert as two ordinary layers: gate_up_proj (2f × d, gate and up fused, as the model stores
+    them) and down_proj (d × f); y = down(act(gate) ⊙ up). Each may be an nn.Linear or a factored layer."""
 
-    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, ranks_gu, ranks_down,
-                 act_fn: nn.Module, dtype=None, device=None) -> None:
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module) -> None:
         super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+
+class ExpertList(nn.Module):
+    """Drop-in replacement for a transformers MoE experts module (fused 3-D `gate_up_proj` (E, 2f, d) and
+    `down_proj` (E, d, f) parameters): expert e is `self[e]`, an `Expert` of two layers, so every expert's
+    matrices are layers with names of their own (`mlp.experts.3.gate_up_proj`) that svdpress factors, hooks and
+    counts like any linear layer, each with its own rank. The forward is transformers' eager experts loop:
+    expert e runs on the tokens routed to it, its output scaled by their routing weights."""
+
+    def __init__(self, experts, act_fn: nn.Module) -> None:
+        super().__init__()
+        experts = list(experts)
+        for e, expert in enumerate(experts):
+            self.add_module(str(e), expert)
         self.act_fn = act_fn
-        self.ranks_gu, self.ranks_down = list(ranks_gu), list(ranks_down)
-        kw = dict(dtype=dtype, device=device)
-        d, f = hidden_dim, intermediate_dim
-        self.gu_A = nn.ParameterList([nn.Parameter(torch.empty(2 * f, r, **kw)) for r in self.ranks_gu])
-        self.gu_B = nn.ParameterList([nn.Parameter(torch.empty(r, d, **kw)) for r in self.ranks_gu])
-        self.down_A = nn.ParameterList([nn.Parameter(torch.empty(d, r, **kw)) for r in self.ranks_down])
-        self.down_B = nn.ParameterList([nn.Parameter(torch.empty(r, f, **kw)) for r in self.ranks_down])
+        self.num_experts = len(experts)
+
+    def __getitem__(self, e: int) -> Expert:
+        return self._modules[str(e)]
+
+    def __len__(self) -> int:
+        return self.num_experts
 
     @classmethod
-    def empty_for(cls, old: nn.Module, spec) -> "FactoredExperts":
-        """Empty factors shaped by a saved spec {"kind": "experts", "ranks_gu", "ranks_down"}, replacing `old`
-        (the original experts module: its act_fn is reused)."""
+    def from_fused(cls, old: nn.Module) -> "ExpertList":
+        """The fused parameters as per-expert nn.Linear layers (each its own copy, so it can be saved, replaced
+        and freed alone; done one module at a time, the copy costs one experts module; meta stays meta)."""
+        experts = []
+        for e in range(old.gate_up_proj.shape[0]):
+            layers = []
+            for W in (old.gate_up_proj[e], old.down_proj[e]):
+                lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta", dtype=W.dtype)
+                lin.weight = nn.Parameter(W.detach().clone(), requires_grad=old.gate_up_proj.requires_grad)
+                layers.append(lin)
+            experts.append(Expert(*layers))
+        return cls(experts, old.act_fn)
+
+    @classmethod
+    def empty_for(cls, old: nn.Module, spec) -> "ExpertList":
+        """Empty experts shaped like `old` (the original fused module, as built by from_pretrained), to receive
+        saved weights; factored experts are then installed over their dense layers by name."""
         E, f2, d = old.gate_up_proj.shape
-        return cls(E, d, f2 // 2, spec["ranks_gu"], spec["ranks_down"], old.act_fn,
-                   dtype=old.gate_up_proj.dtype, device=old.gate_up_proj.device)
+        kw = dict(bias=False, device=old.gate_up_proj.device, dtype=old.gate_up_proj.dtype)
+        return cls([Expert(nn.Linear(d, f2, **kw), nn.Linear(f2 // 2, d, **kw)) for _ in range(E)], old.act_fn)
 
     def spec(self) -> dict:
-        return {"kind": "experts", "ranks_gu": list(self.ranks_gu), "ranks_down": list(self.ranks_down)}
+        return {"kind": "experts", "num_experts": self.num_experts}
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+            hit = torch.unique(top_k_index[top_k_index < self.num_experts]).tolist()
         for e in hit:
-            e = int(e[0])
-            if e == self.num_experts:
-                continue
-            pos, tok = torch.where(mask[e])
-            x = hidden_states[tok]
-            gate, up = ((x @ self.gu_B[e].T) @ self.gu_A[e].T).chunk(2, dim=-1)
-            h = (self.act_fn(gate) * up) @ self.down_B[e].T @ self.down_A[e].T
-            h = h * top_k_weights[tok, pos, None]
+            pos, tok = torch.where((top_k_index == e).T)  # transformers' order: by routing slot, then token
+            expert = self[e]
+            gate, up = expert.gate_up_proj(hidden_states[tok]).chunk(2, dim=-1)
+            h = expert.down_proj(self.act_fn(gate) * up) * top_k_weights[tok, pos, None]
             final.index_add_(0, tok, h.to(final.dtype))
         return final
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"intermediate_dim={self.intermediate_dim}, ranks_gu={self.ranks_gu}, ranks_down={self.ranks_down}")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -200,8 +217,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> None:
     """Swap in empty factored layers described by a saved spec {name: {"kind", "rank", ...}} before loading
     weights. Used by the svdpress loader and by the remote code, so both read the same format."""
-    splits_first = sorted(layers.items(), key=lambda kv: kv[1].get("kind") != "split")  # stable
-    for name, spec in splits_first:  # a split fused layer is installed before its parts are
+    parents_first = sorted(layers.items(), key=lambda kv: kv[1].get("kind") not in ("split", "experts"))  # stable
+    for name, spec in parents_first:  # a split fused layer (an experts list) is installed before its parts are
         old = model.get_submodule(name)
         if spec.get("kind") in MODULE_KINDS:  # a whole module replaced (MoE experts), not a linear layer
             set_module(model, name, MODULE_KINDS[spec["kind"]].empty_for(old, spec))
@@ -225,4 +242,4 @@ def install_empty_layers(model: nn.Module, layers: Mapping[str, Mapping]) -> Non
 
 
 LAYER_KINDS: dict[str, type] = {"lowrank": LowRankLinear, "pivga": PivGaLinear}
-MODULE_KINDS: dict[str, type] = {"experts": FactoredExperts}
+MODULE_KINDS: dict[str, type] = {"experts": ExpertList}  # parents of factored layers

@@ -174,11 +174,27 @@ def _lazy(src: ModelSource, dtype: torch.dtype):
     names = _names(model)
     missing = [n for n, aliases in names.items() if not any(a in tensors for a in aliases)]
     unexpected = [n for n in tensors.where if n not in names]
+    if missing and unexpected and not src.compressed and _has_fused_experts(model):
+        # the checkpoint keeps another layout than the model (transformers converts it while loading: MoE
+        # experts stored one tensor per expert, fused into 3-D tensors in the model): it cannot be streamed by
+        # name, so it is loaded whole, where from_pretrained converts it and checks it strictly
+        import warnings
+
+        warnings.warn(f"{src.spec}: the checkpoint stores {len(unexpected)} tensors in another layout than the "
+                      f"model (e.g. {unexpected[0]}; transformers converts them on load), so it is loaded whole "
+                      "into memory rather than streamed from disk", stacklevel=2)
+        return None
     if missing and not src.compressed and not unexpected:
         raise SvdpressError(f"{src.spec}: {len(missing)} tensors of the model are not in its safetensors under the "
                             f"same name (e.g. {missing[0]}); load it whole with --offload none")
     _strict({"missing_keys": missing, "unexpected_keys": unexpected}, src.path)
     return model, replace(src, path=str(path), tensors=tensors)
+
+
+def _has_fused_experts(model: nn.Module) -> bool:
+    from .moe import is_experts
+
+    return any(is_experts(m) for m in model.modules())
 
 
 def _names(model: nn.Module) -> dict[str, list[str]]:

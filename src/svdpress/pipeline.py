@@ -60,11 +60,16 @@ Timer = Stages  # the name benches and tests know
 
 def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: Stages, batch_size: int = 8,
                     progress: bool = True, stats_cache: Optional[str] = None,
-                    spectra: Optional[MutableMapping] = None, grads: Optional[MutableMapping] = None):
+                    spectra: Optional[MutableMapping] = None, grads: Optional[MutableMapping] = None,
+                    routed: Optional[dict] = None):
     """Spectra of every target layer, computed block by block right after that block's calibration, so the
     statistics of only one block are held at a time. With `stats_cache` (a directory) the statistics are read
     from / written to disk (stats_cache.py), so later runs on the same model and samples skip calibration.
-    `spectra` / `grads` are where results go (dicts, or disk-backed stores for models larger than memory)."""
+    `spectra` / `grads` are where results go (dicts, or disk-backed stores for models larger than memory).
+    MoE: a routed expert's layer that saw fewer than moe.MIN_TOKENS tokens is factored by plain SVD; `routed`
+    receives every expert layer's token count ("routed_tokens") and the layers that fell back ("fell_back")."""
+    from .moe import FALLBACK, MIN_TOKENS
+
     from .stats_cache import StatsCache, block_stats, grad_stats
 
     fac = FACTORIZERS[method]
@@ -88,7 +93,13 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
             left = {id(bs.inputs[g[0]]): len(g) for g in bs.groups}  # layers still to factor, per shared input
             # widest input first: its X·Xᵀ (down_proj's, 8·f² bytes) is consumed before any wide G is read back
             order = sorted(bs.inputs.items(), key=lambda kv: -kv[1].abs_sum.numel())
+            experts = {t.name for t in runner.arch.in_block(bs.block) if t.expert}
             for name, inputs in order:
+                few = name in experts and inputs.tokens < MIN_TOKENS
+                if name in experts and routed is not None:
+                    routed.setdefault("routed_tokens", {})[name] = int(inputs.tokens)
+                    if few:
+                        routed.setdefault("fell_back", []).append(name)
                 if owner[name] != me:  # another rank's layer (torchrun): its spectrum arrives below
                     continue
                 # W (a float64 copy) and the gradient statistics are used once: the factorizer may overwrite them
@@ -98,7 +109,14 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
                 stats = LayerStats(inputs=_to_device(inputs, device), **g, consume=True)
                 check_finite(name, W, stats)
                 stats.inputs._cache["release_after_whitening"] = True  # X·Xᵀ freed once whitened
-                spectra[name] = _cpu(fac.fn(W, stats))
+                if few:  # whitening by a Gram of rank < MIN_TOKENS would fit only the few tokens seen
+                    s = FACTORIZERS[FALLBACK].fn(W, stats)
+                    s.note = "; ".join(x for x in (s.note, f"{inputs.tokens} routed tokens < {MIN_TOKENS}: "
+                                                            f"plain SVD") if x)
+                else:
+                    s = fac.fn(W, stats)
+                spectra[name] = _cpu(s)
+                del s
                 left[id(inputs)] -= 1
                 if not left[id(inputs)]:  # the group's last layer: its whitener goes
                     inputs._cache.clear()
@@ -352,6 +370,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
         spectra = SpectrumStore(on_disk, cfg.offload_dir)
         stack.callback(spectra.close)
 
+        routed: dict = {}  # MoE: routed tokens per expert layer, and those factored by the fallback
         if linear_target >= 1:  # nothing to factor: the model goes through the same export, without calibration
             samples, calib_part = torch.zeros(0, 0, dtype=torch.long), None
             alloc = Allocation({name: None for name in shapes}, {"note": "ratio 1: every layer kept dense"})
@@ -364,7 +383,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             stack.callback(grads.close)
             batch = dist.min_int(runner.batch_size(cfg.calib_seqlen, cfg.calib_batch_size))  # one for every rank
             factorize_model(runner, samples, cfg.factorize, stages, batch, cfg.progress,
-                            cfg.stats_cache, spectra, grads)
+                            cfg.stats_cache, spectra, grads, routed)
             if head is not None:
                 from .calibrate import head_input_stats
 
@@ -437,6 +456,10 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
 
             record_in_manifest(report, model, pivga_report)  # per-layer ranks/params and totals after PivGa
         report["numerics"] = notes
+        if any(t.expert for t in runner.arch.targets):
+            from .moe import record
+
+            report["experts"] = record(routed.get("routed_tokens", {}), routed.get("fell_back", []))
         if cfg.eval is not None:
             from .evaluate.run import evaluate
 

@@ -63,6 +63,9 @@ def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool 
     check_ratio(ratio)
     if budget_of not in BUDGETS:
         raise SvdpressError(f"--budget-of {budget_of!r} is unknown; choose one of {', '.join(BUDGETS)}")
+    from .moe import split_experts
+
+    split_experts(model)  # MoE: every expert's matrices are targets, as in compress (meta tensors stay meta)
     arch = arch_map(model, targets, ignore)
     shapes = arch.shapes()
     total = model_params(model)
@@ -82,8 +85,14 @@ def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool 
     per_block = [_unique_numel([b], seen) for b in blocks]
     rest = total - embed - head - sum(per_block)  # final norm, position embeddings, anything else
     per_kind: dict[str, dict[str, Any]] = defaultdict(lambda: {"layers": 0, "dense": 0, "shape": None})
+    def kind(t: TargetLayer) -> str:  # an expert's layers are one kind across experts: mlp.experts.*.down_proj
+        if not t.expert:
+            return t.path
+        head, _, leaf = t.path.rpartition(".")
+        return f"{head.rpartition('.')[0]}.*.{leaf}"
+
     for t in targets_:
-        k = per_kind[t.path]
+        k = per_kind[kind(t)]
         k["layers"] += 1
         k["dense"] += t.shape.dense
         k["shape"] = [t.shape.m, t.shape.n]
@@ -93,7 +102,7 @@ def plan(model: nn.Module, ratio: float, budget_of: str = "linear", pivga: bool 
     ranks = allocate(problem, "uniform").ranks
     kept = count_params(shapes, ranks, pivga)
     for t in targets_:
-        k = per_kind[t.path]
+        k = per_kind[kind(t)]
         k.setdefault("ranks", set()).add(ranks[t.name])
         k["kept"] = k.get("kept", 0) + count_params({t.name: t.shape}, ranks, pivga)
     kinds = {p: {**k, "ranks": sorted(r for r in k["ranks"] if r is not None) or None} for p, k in per_kind.items()}

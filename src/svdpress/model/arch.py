@@ -53,7 +53,7 @@ class Family:
     pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     out_proj: str = ""  # a projection after the final norm, where the model has one (OPT-350m's project_out)
     logit_scale: Optional[Callable[[Any], float]] = None  # config -> factor on the logits (before soft-capping)
-    experts: str = ""  # MoE: the fused experts module in a block (3-D gate_up_proj/down_proj; svdpress.moe)
+    experts: str = ""  # MoE: the experts module in a block (split into per-expert layers, all targets; svdpress.moe)
 
 
 def _cohere_scale(cfg: Any) -> float:
@@ -148,6 +148,7 @@ class TargetLayer:
     kind: str  # last path component, e.g. q_proj
     shape: LayerShape
     path: str = ""  # path inside the block, e.g. self_attn.q_proj
+    expert: bool = False  # a routed expert's layer (mlp.experts.3.down_proj): sees only its routed tokens
 
 
 @dataclass
@@ -192,6 +193,18 @@ def _leaf_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
     skip = [sub + "." for sub, m in block.named_modules() if isinstance(m, factored)]
     return [(sub, m) for sub, m in block.named_modules()
             if is_linear(m) and not sub.startswith(tuple(skip))]
+
+
+def _expert_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of every routed expert in the block (an ExpertList: the runner splits fused experts)."""
+    return [(sub, m) for sub, m in block.named_modules() if is_linear(m) and _in_expert(block, sub)]
+
+
+def _in_expert(block: nn.Module, path: str) -> bool:
+    from ..lowrank import ExpertList
+
+    parts = path.split(".")
+    return len(parts) > 2 and isinstance(block.get_submodule(".".join(parts[:-2])), ExpertList)
 
 
 def _split_parts(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -391,13 +404,13 @@ def arch_map(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str
         prefix = f"{blocks_path}.{i}"
         if fam is not None:
             linears = [(p, block.get_submodule(p)) for p in fam.targets if _exists(block, p)]
-            linears = [(p, m) for p, m in _split_parts(linears) if is_linear(m)]
+            linears = [(p, m) for p, m in _split_parts(linears) if is_linear(m)] + _expert_layers(block)
         else:
             linears = [(p, m) for p, m in _leaf_linears(block) if not _is_router(model, p, m)]
         for path, m in linears:
             name = f"{prefix}.{path}"
             shape = linear_shape(m)
-            found.append(TargetLayer(name, i, path.rsplit(".", 1)[-1], shape, path))
+            found.append(TargetLayer(name, i, path.rsplit(".", 1)[-1], shape, path, _in_expert(block, path)))
         if fam is not None:
             have = {p for p, _ in linears}
             groups[i] = [[f"{prefix}.{p}" for p in g if p in have] for g in fam.groups]

@@ -86,8 +86,13 @@ class Runner:
 
     def __init__(self, model: nn.Module, placement: Optional[Placement] = None, source: Optional[TensorSource] = None,
                  arch: Optional[ArchMap] = None, targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> None:
+        from ..moe import split_experts
+
         self.model = model
         self.placement = (placement or Placement()).check()
+        slices = split_experts(model)  # MoE: every routed expert's matrices become layers (targets) of their own
+        if slices and source is not None:
+            source.add_slices(slices)
         self.device = torch.device(self.placement.device)
         self.dtype = self.placement.dtype
         self.arch = arch or arch_map(model, targets, ignore)

@@ -101,6 +101,7 @@ class TensorSource:
 
     def __init__(self) -> None:
         self.where: dict[str, Path] = {}
+        self.slices: dict[str, tuple[str, int]] = {}  # name → (stored tensor, index along its first dimension)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Optional["TensorSource"]:
@@ -129,17 +130,26 @@ class TensorSource:
         for name in (names if names is not None else check_safetensors(file)):
             self.where[name] = file
 
+    def add_slices(self, slices: dict[str, tuple[str, int]]) -> None:
+        """Tensors stored as one entry of a larger one (an MoE expert's matrix in the fused 3-D experts tensor)."""
+        self.slices.update(slices)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return name in self.where or (name in self.slices and self.slices[name][0] in self.where)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read without a memory map (see `read_tensors`)."""
+        if name not in self.where and name in self.slices:
+            whole, i = self.slices[name]
+            return self.rows(whole, i, i + 1)[0]
         if name not in self.where:
             raise SvdpressError(f"tensor {name} is not in the checkpoint")
         return read_tensors(self.where[name], [name])[name]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of a tensor, read without loading the rest."""
+        if name not in self.where and name in self.slices:
+            return self.get(name)[start:stop]
         if name not in self.where:
             raise SvdpressError(f"tensor {name} is not in the checkpoint")
         return read_tensors(self.where[name], [name], rows=(start, stop))[name]
