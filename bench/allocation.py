@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
+from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
 from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
@@ -42,7 +42,7 @@ from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # n
 from svdpress.table import table  # noqa: E402
 
 MATCH_TOL = 0.005  # achieved parameter counts compared at equal size, within ±0.5%
-ALL = ("uniform", "atp", "asvd-threshold", "mrcs", "svd-llm-v2", "lems", "fermigrad")
+ALL = ("uniform", "atp", "asvd-threshold", "mrcs", "asvd-plus", "mrcs-plus", "svd-llm-v2", "lems", "fermigrad")
 
 
 def protocol_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
         print(f"skipping unregistered methods: {', '.join(skipped)}")
     try:
         opts = parse_method_opts(a.opt)
+        for m in methods:  # every method's options (and optional packages: optuna) before the model is loaded
+            check_options(m, opts.get(m, {}))
     except SvdpressError as e:
         raise SystemExit(str(e)) from None
     ratios = [float(r) for r in a.ratios.split(",")]

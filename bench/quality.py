@@ -36,7 +36,7 @@ from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # n
 from svdpress.stats_cache import StatsCache, block_stats, grad_stats  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
-METHODS = "svd,asvd,fwsvd,svd-llm,svd-llm-v2,kfac"
+METHODS = "svd,asvd,fwsvd,svd-llm,svd-llm-v2,kfac,gfwsvd"
 
 
 def floats(s: str) -> list[float]:
@@ -68,7 +68,7 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibrate_once(model, samples, cache: StatsCache, a, device, need_grads: bool) -> dict:
+def calibrate_once(model, samples, cache: StatsCache, a, device, need_grads: bool, seq_grads: bool = False) -> dict:
     """Fill the stats cache (a no-op when it already holds this model's and samples' statistics); timed."""
     out = {}
     t = time.perf_counter()
@@ -79,6 +79,8 @@ def calibrate_once(model, samples, cache: StatsCache, a, device, need_grads: boo
     if need_grads:
         t = time.perf_counter()
         grad_stats(cache, runner, samples, a.batch_size, not a.no_progress, fisher=True)
+        if seq_grads:  # gfwsvd's per-sequence G: its own cache entry (another backward pass)
+            grad_stats(cache, runner, samples, a.batch_size, not a.no_progress, fisher=False, out_grad="sequence")
         out["gradients_s"] = round(time.perf_counter() - t, 2)
     runner.close()
     return out
@@ -155,10 +157,11 @@ def main(argv=None) -> int:
     samples, part = calibration_samples(tok, a.calib, a.calib_samples, a.calib_seqlen, a.seed)
     cache = StatsCache(a.stats_cache, model, samples)
     need_grads = any(FACTORIZERS[m].needs_gradients for m in a.methods)
+    seq_grads = any(FACTORIZERS[m].out_grad != "token" for m in a.methods)
     res: dict = {"model": src.spec, "device": device, "calibration": f"{part.describe()}, {a.calib_samples}x"
                  f"{a.calib_seqlen}, seed {a.seed}", "eval": {"texts": a.texts, "limit": a.limit, "seqlen": a.seqlen},
                  "allocation": "uniform"}
-    res["calibration_s"] = calibrate_once(model, samples, cache, a, device, need_grads)
+    res["calibration_s"] = calibrate_once(model, samples, cache, a, device, need_grads, seq_grads)
     t = time.perf_counter()
     res["dense"] = evaluate(model, tok, a, device)
     print("dense: " + ", ".join(f"{k} {v:.4g}" for k, v in res["dense"].items()), flush=True)

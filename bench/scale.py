@@ -629,7 +629,7 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[s
         return max(256, min(V, (1 << 25) // max(T, 1), (1 << 24) // d))
 
     out: dict[str, dict[str, float]] = {k: {"anon": 0.0, "file": 0.0} for k in ("load", "data")}
-    if fac in ("kfac", "fwsvd"):
+    if fac in ("kfac", "gfwsvd", "fwsvd"):
         passes, used = [0.0], 0.0
         for _, m, n in sorted(lin, key=lambda t: t[1]):  # calibrate._passes
             g = 8 * m * m + (8 * m * n if fac == "fwsvd" else 0)
@@ -648,7 +648,7 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[s
     held, peak = C, 0.0
     for name, m, n in sorted(lin, key=lambda t: -t[2]):  # pipeline.factorize_model: widest input first
         k = min(m, n)
-        g = 8 * m * m if fac == "kfac" else 0
+        g = 8 * m * m if fac in ("kfac", "gfwsvd") else 0
         copy = 8 * m * n if 8 * m * n < 32 * MiB else 0  # factorize.thin_svd: in place from 32 MiB
         peak = max(peak, N * d * b + held + g + 8 * m * n + copy + 8 * (m * k + k * n) + 60 * k * k
                    + 8 * max(m, n) * k)

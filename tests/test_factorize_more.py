@@ -236,7 +236,7 @@ def test_gradient_stats_in_several_passes_equal_one(setup, monkeypatch):
     from svdpress import calibrate
 
     model, samples, grads, _ = setup
-    monkeypatch.setattr(calibrate, "_passes", lambda targets, fisher, cap: [[t] for t in targets])
+    monkeypatch.setattr(calibrate, "_passes", lambda targets, *_: [[t] for t in targets])
     split = gradient_stats(model, samples, batch_size=4, progress=False)
     assert split.keys() == grads.keys()
     for name in grads:

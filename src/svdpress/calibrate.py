@@ -8,7 +8,7 @@ block by block.
 Layers that read the same input tensor (q/k/v; gate/up) share one `InputStats`: the hooks see the very same
 tensor object and accumulate it once. Accumulation is a float32 matmul per batch summed into float64.
 
-Methods that weight by the loss (kfac, fwsvd) also need `gradient_stats`: one forward + backward through the
+Methods that weight by the loss (kfac, gfwsvd, fwsvd) also need `gradient_stats`: one forward + backward through the
 blocks (frozen parameters; per-block recomputation when streamed).
 """
 
@@ -172,6 +172,7 @@ def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
 # token's layer output does not shrink with the batch size or the sequence length (a mean loss would scale every
 # g_t by 1/(B·T), and G by 1/(B·T)²). With N calibration tokens the statistics are raw sums:
 #   out_grad      G = Σ_t g_t g_tᵀ                      (m, m)  token-wise: each token's own outer product
+#   out_grad_seq  G_seq = Σ_s ḡ_s ḡ_sᵀ, ḡ_s = Σ_{t∈s} g_t  (m, m)  per sequence (GFWSVD's estimator): rank ≤ #seqs
 #   weight_fisher F = Σ_s (∂L_s/∂W)², ∂L_s/∂W = Σ_{t∈s} g_t x_tᵀ  (m, n)  per sequence s (Hsu et al. 2022)
 # so that ½ vec(ΔW)ᵀ (C ⊗ G / N) vec(ΔW) ≈ the increase of the summed loss (K-FAC: E[xxᵀ⊗ggᵀ] ≈ E[xxᵀ]⊗E[ggᵀ]).
 # Every factorizer is invariant to a global scale of its statistics, so only allocators see the normalization.
@@ -179,14 +180,26 @@ def _finish(block: int, stats: dict[str, InputStats]) -> BlockStats:
 
 GradStats = dict[str, dict[str, torch.Tensor]]
 
+OUT_GRAD_KINDS = {"token": ("out_grad",), "sequence": ("out_grad_seq",), "both": ("out_grad", "out_grad_seq")}
+
+
+def check_out_grad(kind: str) -> tuple[str, ...]:
+    """The statistics keys gathered for an `out_grad` option (token | sequence | both)."""
+    from .errors import SvdpressError
+
+    if kind not in OUT_GRAD_KINDS:
+        raise SvdpressError(f"out_grad must be one of {', '.join(OUT_GRAD_KINDS)}; got {kind!r}")
+    return OUT_GRAD_KINDS[kind]
+
 
 class _GradAccumulator:
     """Hooks on target layers: the forward hook keeps the input x and registers a tensor hook on the output y,
     which receives g = ∂L/∂y in the backward pass and adds g's statistics (float32 blocks summed into
     float64)."""
 
-    def __init__(self, device, fisher: bool) -> None:
+    def __init__(self, device, fisher: bool, out_grad: str = "token") -> None:
         self.device, self.fisher = device, fisher
+        self.keys = check_out_grad(out_grad)
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def forward(self, name: str, m: int, n: int):
@@ -199,7 +212,7 @@ class _GradAccumulator:
         return fn
 
     def zeros(self, m: int, n: int) -> dict[str, torch.Tensor]:
-        z = {"out_grad": torch.zeros(m, m, dtype=torch.float64, device=self.device)}
+        z = {k: torch.zeros(m, m, dtype=torch.float64, device=self.device) for k in self.keys}
         if self.fisher:
             z["weight_fisher"] = torch.zeros(m, n, dtype=torch.float64, device=self.device)
         return z
@@ -209,35 +222,43 @@ class _GradAccumulator:
         if s is None:  # built once (setdefault would zero a new m×m float64 matrix on every batch)
             s = self.stats[name] = self.zeros(m, n)
         g = g.float()
-        add_gram(s["out_grad"], g.reshape(-1, m))  # G += Σ_t g_t g_tᵀ
+        # a sequence is a row of the batch; a routed expert sees a flat list of tokens (no sequence axis): each
+        # of its calls then counts as one sequence
+        b = g.shape[0] if g.dim() == 3 else 1
+        if "out_grad" in s:
+            add_gram(s["out_grad"], g.reshape(-1, m))  # G += Σ_t g_t g_tᵀ
+        if "out_grad_seq" in s:  # G_seq += Σ_s ḡ_s ḡ_sᵀ: one (summed) gradient per sequence of the batch
+            add_gram(s["out_grad_seq"], g.reshape(b, -1, m).sum(1))
         if self.fisher:
-            # ∂L_s/∂W = Σ_{t∈s} g_t x_tᵀ. A routed expert sees a flat list of tokens (no sequence axis): each
-            # of its calls then counts as one sample
-            b = g.shape[0] if g.dim() == 3 else 1
-            dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))
+            dW = torch.einsum("btm,btn->bmn", g.reshape(b, -1, m), x.float().reshape(b, -1, n))  # ∂L_s/∂W
             s["weight_fisher"] += (dW ** 2).sum(0).double()  # F += Σ_s (∂L_s/∂W)²
 
 
 def gradient_stats(model_or_runner, samples: torch.Tensor, batch_size: int = 4, device="cpu",
-                   progress: bool = True, fisher: bool = True, keep=None) -> GradStats:
-    """Token-wise output-gradient factors G (and per-sequence weight Fisher F) of every target layer.
+                   progress: bool = True, fisher: bool = True, keep=None, out_grad: str = "token") -> GradStats:
+    """Output-gradient factors G (and per-sequence weight Fisher F) of every target layer.
+
+    `out_grad` chooses the estimator of G: "token" (KFAC-SVD's Σ_t g_t g_tᵀ, key out_grad), "sequence"
+    (GFWSVD's Σ_s ḡ_s ḡ_sᵀ with ḡ_s summed over the sequence, key out_grad_seq), or "both" (one pass, both keys:
+    to compare them). One backward pass serves every estimator: they differ only in how g is summed.
 
     The loss is the summed next-token NLL, computed over the vocabulary in chunks (model/head.py). The runner
     back-propagates block by block (recomputing each block from its saved input when the model is streamed),
     with parameters frozen, so memory is one block's weights and activations plus that block's statistics.
     Each block's statistics are handed to `keep(name, stats)` as soon as its backward is done (default: moved
     to the CPU and kept in the returned dict; a disk-backed store keeps them out of memory)."""
+    keys = check_out_grad(out_grad)  # before any heavy work
     with using_runner(model_or_runner, device) as runner:
-        return _gradient_stats(runner, samples, batch_size, progress, fisher, keep)
+        return _gradient_stats(runner, samples, batch_size, progress, fisher, keep, out_grad, len(keys))
 
 
-def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> GradStats:
+def _gradient_stats(runner, samples, batch_size, progress, fisher, keep, out_grad, n_grams) -> GradStats:
     out: dict[str, dict[str, torch.Tensor]] = {}
     keep = keep or (lambda name, s: out.__setitem__(name, s))
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     batches = dist.shard(batches, "calibration batches (--calib-samples / --calib-batch-size)")  # this rank's
     states = runner.embed(batches)
-    acc = _GradAccumulator(runner.device, fisher)
+    acc = _GradAccumulator(runner.device, fisher, out_grad)
 
     def loss_fn(j: int, h: torch.Tensor) -> torch.Tensor:
         ids = batches[j].to(h.device)
@@ -245,7 +266,7 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
         return nll_sum(runner.head, hn.reshape(-1, hn.shape[-1]), ids[:, 1:].reshape(-1))
 
     cap = dist.min_int(runner.budget() // 4)  # every rank must split a block into the same passes
-    parts = [_passes(runner.arch.in_block(i), fisher, cap) for i in range(len(runner.blocks))]
+    parts = [_passes(runner.arch.in_block(i), fisher, cap, n_grams) for i in range(len(runner.blocks))]
 
     pending: list = []  # the layers of the pass under way
 
@@ -271,14 +292,14 @@ def _gradient_stats(runner, samples, batch_size, progress, fisher, keep) -> Grad
     return out
 
 
-def _passes(targets: list, fisher: bool, cap: int) -> list[list]:
-    """The block's layers split into backward passes whose statistics (8m² bytes of G, + 8mn of Fisher, each)
+def _passes(targets: list, fisher: bool, cap: int, n_grams: int = 1) -> list[list]:
+    """The block's layers split into backward passes whose statistics (8m² bytes per G, + 8mn of Fisher, each)
     stay under `cap` together: one pass when they fit, as for any model whose block is small next to the memory
     budget; a Llama-3-8B MLP's two 14336-wide G (1.6 GB each) get a pass each under a small one."""
     out: list[list] = [[]]
     used = 0
     for t in sorted(targets, key=lambda t: t.shape.m):
-        size = 8 * t.shape.m * (t.shape.m + (t.shape.n if fisher else 0))
+        size = 8 * t.shape.m * (n_grams * t.shape.m + (t.shape.n if fisher else 0))
         if out[-1] and used + size > cap:
             out.append([])
             used = 0

@@ -78,10 +78,10 @@ def factorize_model(runner: Runner, samples: torch.Tensor, method: str, stages: 
     spectra = {} if spectra is None else spectra
     owner = layer_owners(runner)  # who factors each layer (every layer rank 0's in one process)
     me = dist.world().rank
-    if fac.needs_gradients:  # backward-pass statistics (KFAC, FWSVD)
+    if fac.needs_gradients:  # backward-pass statistics (KFAC, GFWSVD, FWSVD)
         with stages("calibrate_gradients"):
             mine = grads if not dist.active() else _Owned(grads, lambda n: owner[n] == me)
-            grad_stats(cache, runner, samples, batch_size, progress, mine, fac.needs_fisher)
+            grad_stats(cache, runner, samples, batch_size, progress, mine, fac.needs_fisher, fac.out_grad)
     device = runner.device
     blocks = block_stats(cache, runner, samples, batch_size, progress)
     while True:
@@ -206,6 +206,7 @@ def check_finite(name: str, W: torch.Tensor, stats: LayerStats) -> None:
     if not all_finite(W):
         raise SvdpressError(f"layer {name}: its weights contain NaN or Inf; the model itself is broken")
     for what, t in (("input statistics", stats.inputs.xtx), ("gradient statistics", stats.out_grad),
+                    ("per-sequence gradient statistics", stats.out_grad_seq),
                     ("Fisher statistics", stats.weight_fisher)):
         if t is not None and not all_finite(t):
             raise SvdpressError(f"layer {name}: its {what} contain NaN or Inf (overflowing activations in "

@@ -181,22 +181,32 @@ def block_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batc
 
 
 def grad_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batch_size: int, progress: bool = True,
-               store: Optional[MutableMapping] = None, fisher: bool = True) -> Mapping[str, dict]:
+               store: Optional[MutableMapping] = None, fisher: bool = True,
+               out_grad: str = "token") -> Mapping[str, dict]:
     """gradient_stats, served from / saved to the cache when there is one. Layers' statistics go to `store`
-    (a dict, or a disk-backed TensorStore) one block at a time, and to the cache one file per layer."""
+    (a dict, or a disk-backed TensorStore) one block at a time, and to the cache one file per layer.
+
+    The estimator of G is part of the key (`out_grad`, calibrate.OUT_GRAD_KINDS); the token-wise one keeps the
+    key it always had, so existing entries stay valid."""
+    from .calibrate import check_out_grad
+
+    keys = check_out_grad(out_grad)
     store = {} if store is None else store
     if cache is None:
         gradient_stats(runner, samples, batch_size=batch_size, progress=progress, fisher=fisher,
-                       keep=store.__setitem__)
+                       keep=store.__setitem__, out_grad=out_grad)
         return store
-    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence" if fisher else "none", layout="per-layer")
-    superset = cache.entry("gradients", loss="sum-nll", fisher="per-sequence", layout="per-layer")
+    estimator = {} if out_grad == "token" else {"out_grad": f"per-{out_grad}" if out_grad != "both" else "both"}
+    entry = cache.entry("gradients", loss="sum-nll", fisher="per-sequence" if fisher else "none", layout="per-layer",
+                        **estimator)
+    superset = cache.entry("gradients", loss="sum-nll", fisher="per-sequence", layout="per-layer", **estimator)
     for candidate in ([entry] if fisher else [entry, superset]):  # an entry with the Fisher serves kfac too
         files = candidate.valid_files(quiet=candidate is not entry)
         if files is not None:
             for f in files:
                 stats = _load(f)
-                store[f.name[len("grad_"):-len(".pt")]] = stats if fisher else {"out_grad": stats["out_grad"]}
+                wanted = [*keys, "weight_fisher"] if fisher else keys
+                store[f.name[len("grad_"):-len(".pt")]] = {k: stats[k] for k in wanted}
             return store
     w = entry.writer()
     try:
@@ -204,7 +214,8 @@ def grad_stats(cache: Optional[StatsCache], runner, samples: torch.Tensor, batch
             w.add(f"grad_{name}.pt", stats)
             store[name] = stats
 
-        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, fisher=fisher, keep=keep)
+        gradient_stats(runner, samples, batch_size=batch_size, progress=progress, fisher=fisher, keep=keep,
+                       out_grad=out_grad)
         w.commit()
     finally:
         w.abort()

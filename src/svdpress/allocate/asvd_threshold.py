@@ -42,14 +42,9 @@ def _apply(p: AllocationProblem, triples: list[tuple[str, float, float]], step: 
     return {name: rank_at(s, frac.get(name, 1.0), step, p.counting) for name, s in p.shapes.items()}
 
 
-@allocator("asvd-threshold", options=AsvdThresholdConfig)
-def asvd_threshold(p: AllocationProblem) -> Allocation:
-    cfg = fill_config(AsvdThresholdConfig, p.options, "asvd-threshold")
-    step = step_of(p, cfg.rank_multiple)
-    if p.ratio >= 1:
-        return Allocation({name: None for name in p.shapes})
-    sens = layer_sensitivity(p, cfg.fractions, probe_config(cfg))
-    triples = sorted(((n, f, v[cfg.metric]) for n, d in sens.loss.items() for f, v in d.items()),
+def threshold_search(p: AllocationProblem, loss: dict[str, dict[float, float]], step: int):
+    """ASVD's search over measured losses {layer: {kept fraction: loss}}: the ranks (budget met) and the threshold."""
+    triples = sorted(((n, f, v) for n, d in loss.items() for f, v in d.items()),
                      key=lambda t: -t[2])  # most harmful first
     lo, hi, best = 0, len(triples) - 1, 0
     while lo <= hi:  # largest start index whose tail (the least harmful triples) still meets the ratio
@@ -59,8 +54,19 @@ def asvd_threshold(p: AllocationProblem) -> Allocation:
         else:
             hi = mid - 1
     ranks = _apply(p, triples[best:], step)
-    worst = {n: max(v[cfg.metric] for v in d.values()) for n, d in sens.loss.items()}
+    worst = {n: max(d.values()) for n, d in loss.items()}
     ranks = fit_budget(p, ranks, step, priority=worst.get)
-    threshold = triples[best][2] if triples else None
+    return ranks, (triples[best][2] if triples else None)
+
+
+@allocator("asvd-threshold", options=AsvdThresholdConfig)
+def asvd_threshold(p: AllocationProblem) -> Allocation:
+    cfg = fill_config(AsvdThresholdConfig, p.options, "asvd-threshold")
+    step = step_of(p, cfg.rank_multiple)
+    if p.ratio >= 1:
+        return Allocation({name: None for name in p.shapes})
+    sens = layer_sensitivity(p, cfg.fractions, probe_config(cfg))
+    loss = {n: {f: v[cfg.metric] for f, v in d.items()} for n, d in sens.loss.items()}
+    ranks, threshold = threshold_search(p, loss, step)
     return Allocation(ranks, {"threshold": threshold, "metric": cfg.metric, "measure_s": round(sens.seconds, 2),
                               "search_s": round(sens.seconds, 2), "probes": sens.probes, "rank_multiple": step})

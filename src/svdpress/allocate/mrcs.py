@@ -58,14 +58,9 @@ def _loss_fns(p: AllocationProblem, cfg: MrcsConfig):
     return fns, sens.seconds, sens.probes
 
 
-@allocator("mrcs", options=MrcsConfig)
-def mrcs(p: AllocationProblem) -> Allocation:
-    cfg = fill_config(MrcsConfig, p.options, "mrcs")
-    step = step_of(p, cfg.rank_multiple)
-    if p.ratio >= 1:
-        return Allocation({name: None for name in p.shapes})
-    loss, measure_s, probes = _loss_fns(p, cfg)
-    t0 = time.perf_counter()
+def greedy_search(p: AllocationProblem, cfg: MrcsConfig, loss, step: int):
+    """The scheduled greedy shaving over loss functions {layer: rank → loss}: the ranks (budget met) and the
+    number of steps taken."""
     gamma = 80.0 * cfg.steps / 500
     counting = p.counting
     rank = {n: counting.break_even(s) for n, s in p.shapes.items()}
@@ -92,7 +87,19 @@ def mrcs(p: AllocationProblem) -> Allocation:
         t += 1
     ranks = {n: (None if counting.is_dense(p.shapes[n], r) else r) for n, r in rank.items()}
     ranks = fit_budget(p, ranks, step, priority=lambda n: loss[n](max(step, rank[n] - step)))
+    return ranks, t - 1
+
+
+@allocator("mrcs", options=MrcsConfig)
+def mrcs(p: AllocationProblem) -> Allocation:
+    cfg = fill_config(MrcsConfig, p.options, "mrcs")
+    step = step_of(p, cfg.rank_multiple)
+    if p.ratio >= 1:
+        return Allocation({name: None for name in p.shapes})
+    loss, measure_s, probes = _loss_fns(p, cfg)
+    t0 = time.perf_counter()
+    ranks, iterations = greedy_search(p, cfg, loss, step)
     search_s = measure_s + time.perf_counter() - t0  # measurements counted even when cached
-    return Allocation(ranks, {"iterations": t - 1, "loss": cfg.loss, "measure_s": round(measure_s, 2),
+    return Allocation(ranks, {"iterations": iterations, "loss": cfg.loss, "measure_s": round(measure_s, 2),
                               "search_s": round(search_s, 2),
                               "probes": probes, "rank_multiple": step})

@@ -24,6 +24,7 @@ class LayerStats:
 
     inputs: InputStats  # input-side second moments (shared by layers reading the same input)
     out_grad: Optional[torch.Tensor] = None  # (m, m) float64: Σ_t g_t g_tᵀ, g = ∂loss/∂(layer output), token-wise
+    out_grad_seq: Optional[torch.Tensor] = None  # (m, m) float64: Σ_s ḡ_s ḡ_sᵀ, ḡ_s = Σ_{t∈s} g_t (GFWSVD)
     weight_fisher: Optional[torch.Tensor] = None  # (m, n) float64: Σ_samples (∂loss/∂W)² (FWSVD)
     extra: dict = field(default_factory=dict)
     consume: bool = False  # W and the gradient statistics are this call's own: they may be overwritten as used
@@ -67,14 +68,17 @@ class Factorizer:
     needs_gradients: bool = False  # calibration must run a backward pass to gather out_grad
     description: str = ""
     needs_fisher: bool = False  # the pass must also gather the per-sequence weight Fisher (m×n float64 a layer)
+    out_grad: str = "token"  # the estimator of G the pass gathers (calibrate.OUT_GRAD_KINDS): token | sequence
 
 
 FACTORIZERS: Registry[Factorizer] = Registry("factorization", __name__)
 
 
-def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False):
+def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False,
+                        out_grad: str = "token"):
     def deco(fn):
-        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher))
+        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher,
+                                              out_grad))
         return fn
     return deco
 
