@@ -67,14 +67,19 @@ class Factorizer:
     needs_gradients: bool = False  # calibration must run a backward pass to gather out_grad
     description: str = ""
     needs_fisher: bool = False  # the pass must also gather the per-sequence weight Fisher (m×n float64 a layer)
+    allocator: Optional[str] = None  # the allocation method the CLI pairs with it when --allocate is not given
 
 
 FACTORIZERS: Registry[Factorizer] = Registry("factorization", __name__)
 
 
-def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False):
+def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False,
+                        allocator: Optional[str] = None):
+    """`allocator`: for methods that are a factorization and an allocation together (dobi-svd → dobi), the
+    allocation `svdpress compress --factorize NAME` uses when no --allocate is given."""
     def deco(fn):
-        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher))
+        FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher,
+                                              allocator))
         return fn
     return deco
 

@@ -63,8 +63,8 @@ def output_pca(W: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, torch.
     return Q, sig, wh.note
 
 
-@register_factorizer("dobi-svd", description="output-activation PCA, W_r = Q_r Q_rᵀ W (Dobi-SVD's weight update); "
-                                             "pair with --allocate dobi")
+@register_factorizer("dobi-svd", description="output-activation PCA, W_r = Q_r Q_rᵀ W (Dobi-SVD's weight update)",
+                     allocator="dobi")
 def dobi_svd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     Q, S, note = output_pca(W, stats)
     floor = S_FLOOR * float(S[0]) if S.numel() and float(S[0]) > 0 else 1e-300
