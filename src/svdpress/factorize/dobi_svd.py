@@ -18,8 +18,10 @@ already gathers, Σ_t y_t y_tᵀ = W·(Σ_t x_t x_tᵀ)·Wᵀ = W C Wᵀ, so Q a
   the eigenvectors of W C Wᵀ: an m×n SVD instead of an m×m eigen-decomposition of a rank-n matrix.
 
 The spectrum is U = Q, S = Σ (the activation singular values: Σ_{j≥r} S_j² is the energy of the activations cut
-at rank r, i.e. ‖Y − Y_r‖²_F), V = diag(1/S)·Qᵀ·W (rows with S_j below 1e-10·S_0 are divided by that floor). Any
-rank cut is then W_r = Q_r Q_rᵀ W, Dobi-SVD's update at that rank. Mathematically this is the same optimum as
+at rank r, i.e. ‖Y − Y_r‖²_F), V = diag(1/S)·Qᵀ·W. Singular values below 1e-6·S_0 (directions the calibration
+outputs barely use, or not at all when C is singular) are raised to that floor, so V stays finite and in range
+for 16-bit factors, and the full-rank spectrum still reproduces W exactly (S·V = Qᵀ·W); the energy this adds is
+below 1e-12 of the largest direction's. Any rank cut is then W_r = Q_r Q_rᵀ W, Dobi-SVD's update at that rank. Mathematically this is the same optimum as
 SVD-LLM's whitened truncation (both minimize ‖(W − W_r)X‖_F); what makes the method Dobi-SVD is where the ranks come
 from: the allocator `dobi` (allocate/dobi.py) learns them by differentiable truncation of these activation spectra.
 
@@ -42,7 +44,7 @@ import torch
 from . import LayerSpectrum, LayerStats, register_factorizer, thin_svd
 from .whiten import whitener
 
-S_FLOOR = 1e-10  # relative: 1/S is taken at least at S_FLOOR·S_0 when V = diag(1/S)·Qᵀ·W is formed
+S_FLOOR = 1e-6  # relative: S is raised to at least S_FLOOR·S_0 before V = diag(1/S)·Qᵀ·W is formed
 
 
 def output_pca(W: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -67,6 +69,7 @@ def output_pca(W: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, torch.
                      allocator="dobi")
 def dobi_svd(W: torch.Tensor, stats: LayerStats) -> LayerSpectrum:
     Q, S, note = output_pca(W, stats)
-    floor = S_FLOOR * float(S[0]) if S.numel() and float(S[0]) > 0 else 1e-300
-    V = (Q.T @ W.double()) / S.clamp_min(floor)[:, None]  # diag(1/S)·Qᵀ·W
+    floor = S_FLOOR * float(S[0]) if S.numel() and float(S[0]) > 0 else 1.0
+    S = S.clamp_min(floor)  # still descending
+    V = (Q.T @ W.double()) / S[:, None]  # diag(1/S)·Qᵀ·W
     return LayerSpectrum(Q.float(), S, V.float(), note)
