@@ -139,8 +139,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     d = CompressConfig()
     p.add_argument("--model", default=d.model, help="hub id, local dir, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--factorize", default=d.factorize, help="factorization method (svdpress methods lists them)")
-    p.add_argument("--allocate", default=None, help=f"rank allocation method (default: the factorizer's own if it has one, "
-                                                      f"dobi for dobi-svd, else {d.allocate}; load with --ranks)")
+    p.add_argument("--allocate", default=None,
+                   help=f"rank allocation method (default: the factorizer's own if it has one, dobi for dobi-svd, "
+                        f"else {d.allocate}; load with --ranks)")
     p.add_argument("--ranks", default=None, metavar="FILE.json",
                    help="reuse the ranks.json of a previous run (implies --allocate load)")
     p.add_argument("--ratio", type=float, default=d.ratio,

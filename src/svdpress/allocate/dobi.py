@@ -81,6 +81,7 @@ class DobiConfig:
     r_min: int = 1  # smallest rank a layer may train to / be cut at
     top_k: int = 64  # teacher log-probs cached per token (loss=kl)
     cutoff: float = 10.0  # directions whose mask is below e^-cutoff are skipped in the forward pass
+    report_uniform: bool = True  # also measure the uniform allocation's loss on the same windows (diagnostic)
 
     def validate(self) -> "DobiConfig":
         positive = ("steps", "lr", "beta", "samples", "seqlen", "batch_size", "r_min", "top_k", "cutoff")
@@ -120,16 +121,21 @@ class DobiLinear(nn.Module):
         self.N = spec.full_rank
         self.__dict__["theta"] = theta  # shared by every masked layer; kept out of the model's parameters
         self.index, self.beta, self.cutoff = index, beta, cutoff
+        self.hard_rank: Optional[int] = None  # set: the hard cut at that rank (for measuring an allocation)
 
     @property
     def k(self) -> torch.Tensor:
         return self.theta[self.index] * self.N
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.k
-        # T_i ≥ e^-cutoff ⇔ β(k − i − ½) ≳ −cutoff/2: the directions still (partly) open
-        a = max(1, min(self.N, math.ceil(float(k.detach()) - 0.5 + self.cutoff / (2 * self.beta))))
-        g = self.S[:a] * truncation(k, a, self.beta)
+        if self.hard_rank is not None:
+            a = min(self.hard_rank, self.N)
+            g = self.S[:a]
+        else:
+            k = self.k
+            # T_i ≥ e^-cutoff ⇔ β(k − i − ½) ≳ −cutoff/2: the directions still (partly) open
+            a = max(1, min(self.N, math.ceil(float(k.detach()) - 0.5 + self.cutoff / (2 * self.beta))))
+            g = self.S[:a] * truncation(k, a, self.beta)
         h = Fn.linear(x.float(), self.V[:a]) * g
         return Fn.linear(h, self.U[:, :a], self.bias).to(x.dtype)
 
@@ -145,6 +151,7 @@ class DobiMasks:
         self.theta = nn.Parameter(theta0.clone().to(self.runner.device))
         self.resident = self.runner.offload == "none"
         self.layers: dict[str, DobiLinear] = {}
+        self.hard: Optional[Mapping[str, Optional[int]]] = None
 
     def _make(self, name: str, index: int, original: nn.Module) -> DobiLinear:
         layer = self.layers.get(name)
@@ -153,6 +160,7 @@ class DobiMasks:
                                self.runner.device)
             if self.resident:
                 self.layers[name] = layer
+        layer.hard_rank = None if self.hard is None else (self.hard.get(name) or layer.N)
         return layer
 
     def overrides(self) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -183,6 +191,34 @@ def smooth_size(theta: torch.Tensor, problem: AllocationProblem) -> torch.Tensor
     return total
 
 
+def task_loss(runner, h: torch.Tensor, ids: torch.Tensor, teacher=None) -> torch.Tensor:
+    """The batch's perplexity exp(mean NLL) (the paper's loss), or with a teacher (its top-k indices and
+    log-probs) the mean top-k KL to the dense model. h: the last block's output (B, L, d)."""
+    z = runner.final(h)
+    head = runner.head
+    if teacher is not None:
+        t_idx, t_logp = (t.to(z.device) for t in teacher)
+        return topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx, t_logp)
+    ids = ids.to(z.device)
+    zz = z[:, :-1]
+    return (nll_sum(head, zz.reshape(-1, zz.shape[-1]), ids[:, 1:].reshape(-1)) / ids[:, 1:].numel()).exp()
+
+
+@torch.no_grad()
+def hard_loss(run: dict, ranks: Mapping[str, Optional[int]]) -> float:
+    """The task loss of the hard cut at `ranks` (None = dense) on every training window: the mean of the
+    batches' losses (all batches hold the same number of tokens but perhaps the last)."""
+    masks: DobiMasks = run["masks"]
+    runner = masks.runner
+    masks.hard = dict(ranks)
+    try:
+        losses = [float(task_loss(runner, h, run["batches"][j], None if run["teacher"] is None else run["teacher"][j]))
+                  for j, h in enumerate(runner.forward(run["states"], overrides=masks.overrides()))]
+    finally:
+        masks.hard = None
+    return sum(losses) / len(losses)
+
+
 def train(problem: AllocationProblem, cfg: DobiConfig) -> dict[str, Any]:
     """Train the positions; returns k per layer, ∂loss/∂k per layer (mean over the last quarter of the steps) and
     the record of the run."""
@@ -197,7 +233,7 @@ def train(problem: AllocationProblem, cfg: DobiConfig) -> dict[str, Any]:
     states = runner.embed(batches)
     teacher = teacher_topk(runner, states, cfg.top_k) if cfg.loss == "kl" else None
     masks = DobiMasks(problem, cfg, initial_theta(problem))
-    theta, head, device = masks.theta, runner.head, problem.device
+    theta, device = masks.theta, problem.device
     N = full_ranks(problem)
     lo = (torch.tensor([float(min(cfg.r_min, n)) for n in N.tolist()], dtype=torch.float64) / N).float().to(device)
     hi = (torch.tensor([open_position(int(n), cfg.beta, cfg.cutoff) for n in N.tolist()], dtype=torch.float64)
@@ -212,21 +248,14 @@ def train(problem: AllocationProblem, cfg: DobiConfig) -> dict[str, Any]:
     bar = tqdm(range(cfg.steps), desc="dobi", disable=not problem.progress)
     for step in bar:
         b = order[step]
+        cosine = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:  # cosine from lr to lr·lr_final
-            group["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-
-        def loss_fn(_j: int, h: torch.Tensor) -> torch.Tensor:
-            z = runner.final(h)
-            if teacher is not None:
-                t_idx, t_logp = (t.to(z.device) for t in teacher[b])
-                return topk_kl(head, z.reshape(-1, z.shape[-1]), t_idx, t_logp)
-            ids = batches[b].to(z.device)
-            zz = z[:, :-1]
-            nll = nll_sum(head, zz.reshape(-1, zz.shape[-1]), ids[:, 1:].reshape(-1)) / ids[:, 1:].numel()
-            return nll.exp()  # the paper's loss: the batch's perplexity
+            group["lr"] = cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * cosine)
 
         opt.zero_grad(set_to_none=True)
-        task = runner.backward([states[b]], loss_fn, overrides=masks.overrides())
+        t_b = teacher[b] if teacher is not None else None
+        task = runner.backward([states[b]], lambda _j, h, b=b, t_b=t_b: task_loss(runner, h, batches[b], t_b),
+                               overrides=masks.overrides())
         g_task = theta.grad.detach().clone() if theta.grad is not None else torch.zeros_like(theta)
         size = smooth_size(theta, problem)
         reg = cfg.lambda_reg * (size / problem.dense - ratio_t).abs()
@@ -243,7 +272,8 @@ def train(problem: AllocationProblem, cfg: DobiConfig) -> dict[str, Any]:
     dloss_dk = (grad_sum.cpu().double() / tail / N).tolist()  # ∂loss/∂k = ∂loss/∂θ / N
     names = masks.names
     return {"k": dict(zip(names, k)), "dloss_dk": dict(zip(names, dloss_dk)), "history": history,
-            "train_s": time.perf_counter() - t0, "tokens_per_step": cfg.batch_size * windows.shape[1]}
+            "train_s": time.perf_counter() - t0, "tokens_per_step": cfg.batch_size * windows.shape[1],
+            "masks": masks, "states": states, "batches": batches, "teacher": teacher}
 
 
 @allocator("dobi", options=DobiConfig)
@@ -268,4 +298,9 @@ def dobi(problem: AllocationProblem) -> Allocation:
         "history": run["history"][::max(1, cfg.steps // 50)],
         "objective": f"{cfg.loss} + lambda_reg*|ratio(k) - target|, Adam, cosine lr",
     }
+    info[f"{cfg.loss}_dobi"] = hard_loss(run, final)  # the hard cut that will be built, on the training windows
+    if cfg.report_uniform:
+        from .uniform import uniform
+
+        info[f"{cfg.loss}_uniform"] = hard_loss(run, uniform(problem).ranks)
     return Allocation(final, info)

@@ -21,9 +21,12 @@ The spectrum is U = Q, S = Σ (the activation singular values: Σ_{j≥r} S_j² 
 at rank r, i.e. ‖Y − Y_r‖²_F), V = diag(1/S)·Qᵀ·W. Singular values below 1e-6·S_0 (directions the calibration
 outputs barely use, or not at all when C is singular) are raised to that floor, so V stays finite and in range
 for 16-bit factors, and the full-rank spectrum still reproduces W exactly (S·V = Qᵀ·W); the energy this adds is
-below 1e-12 of the largest direction's. Any rank cut is then W_r = Q_r Q_rᵀ W, Dobi-SVD's update at that rank. Mathematically this is the same optimum as
-SVD-LLM's whitened truncation (both minimize ‖(W − W_r)X‖_F); what makes the method Dobi-SVD is where the ranks come
-from: the allocator `dobi` (allocate/dobi.py) learns them by differentiable truncation of these activation spectra.
+below 1e-12 of the largest direction's. Any rank cut is then W_r = Q_r Q_rᵀ W, Dobi-SVD's update at that rank.
+
+Mathematically this is the same optimum as SVD-LLM's whitened truncation (both minimize ‖(W − W_r)X‖_F, and with
+C = L Lᵀ, W_r = U_r U_rᵀ W for W L = U Σ Hᵀ), reached without a Cholesky factor, so a singular C needs no jitter.
+What makes the method Dobi-SVD is where the ranks come from: the allocator `dobi` (allocate/dobi.py) learns them by
+differentiable truncation of these activation spectra.
 
 Differences from the paper and its reference code (github.com/wangqinsi1/Dobi-SVD, weight_updater.py):
 - exact PCA from second moments instead of incremental PCA: the official IPCA runs over the top-γ right singular
