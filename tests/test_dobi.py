@@ -90,6 +90,20 @@ def test_rank_cut_is_the_pca_projection_of_the_outputs(setup):
     assert routes == {True, False}
 
 
+def test_same_cut_as_svd_llm_when_inputs_are_full_rank(setup):
+    """With C positive definite, SVD-LLM's whitened truncation is the same projection W_r = Q_r Q_rᵀ W (both are the
+    Eckart–Young optimum of ‖(W − W_r)X‖_F); only the route differs (no Cholesky here)."""
+    model, _, blocks = setup
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):
+        inputs = blocks[0].inputs[name]
+        W = model.get_submodule(name).weight.detach().double()
+        dobi = FACTORIZERS["dobi-svd"].fn(W, LayerStats(inputs))
+        llm = FACTORIZERS["svd-llm"].fn(W, LayerStats(inputs))
+        for r in (3, 20):
+            ref = llm.weight(r)
+            assert float((dobi.weight(r) - ref).norm() / ref.norm()) < 1e-4, (name, r)
+
+
 def test_mask_open_is_dense_and_sharp_mask_is_the_hard_cut(setup):
     model, _, blocks = setup
     spectra = dobi_spectra(model, blocks[:1])

@@ -16,7 +16,10 @@ positions are trained with Adam on the paper's objective
 where r(k) is the factored count of `svdpress.params` at the real rank k ((m+n)·k classically, PivGa's (m+n)·k − k²
 with `--pivga`), capped at the dense count as in the reference code, and `task` is the paper's perplexity
 exp(mean NLL) of the batch (`loss=ppl`, the default) or the top-k KL to the dense model (`loss=kl`, FermiGrad's
-chunked KL). The learning rate follows a cosine schedule (the reference code's CosineAnnealingLR). Each k_l is
+chunked KL). With `loss=ppl` the weight λ is relative to the perplexity's scale (the paper's models sit near 10);
+where the perplexity is far larger its gradient outweighs the budget term and the soft ratio drifts from the
+target while training (the final trim still meets the budget), which `loss=kl` does not suffer as much. The
+learning rate follows a cosine schedule (the reference code's CosineAnnealingLR). Each k_l is
 trained as θ_l = k_l/N_l, the kept rank ratio, clipped to [r_min/N_l, fully open] (the reference code adds a
 quadratic penalty outside [0, seq_len] instead).
 
