@@ -204,3 +204,22 @@ def test_compress_export_load_round_trip(tokenizer, text_file, tmp_path):
     assert {n: v["rank"] for n, v in report2["layers"].items()} == {n: v["rank"] for n, v in report["layers"].items()}
     with torch.no_grad():
         torch.testing.assert_close(model2(input_ids=x).logits, ref, rtol=0, atol=0)
+
+
+def test_streamed_from_disk_gives_the_same_positions_and_ranks(tokenizer, setup):
+    """Held whole or streamed block by block from disk (a fresh copy of the model per mode: a disk runner moves
+    an in-memory model's weights to an offload folder), a few steps give the same positions and ranks."""
+    _, samples, blocks = setup
+    spectra = dobi_spectra(make_llama(len(tokenizer)), blocks)
+    out = {}
+    for offload in ("none", "disk"):
+        model = make_llama(len(tokenizer))
+        runner = Runner(model, Placement(offload=offload))
+        p = AllocationProblem(runner.arch.shapes(), spectra, 0.6, options=dict(FAST), runner=runner,
+                              samples=samples, progress=False)
+        with runner:
+            assert runner.offload == offload
+            out[offload] = allocate(p, "dobi")
+    assert out["none"].ranks == out["disk"].ranks
+    for n, k in out["none"].info["k"].items():
+        assert out["disk"].info["k"][n] == pytest.approx(k, abs=1e-3)
