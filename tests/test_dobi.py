@@ -223,3 +223,21 @@ def test_streamed_from_disk_gives_the_same_positions_and_ranks(tokenizer, setup)
     assert out["none"].ranks == out["disk"].ranks
     for n, k in out["none"].info["k"].items():
         assert out["disk"].info["k"][n] == pytest.approx(k, abs=1e-3)
+
+
+def test_cli_compress_with_dobi_svd_allocates_with_dobi(tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
+    from svdpress.cli import main
+
+    assert main(["compress", "--factorize", "nope", "--no-progress"]) == 2
+    assert "unknown factorization 'nope'" in capsys.readouterr().err
+    out = tmp_path / "out"
+    argv = ["compress", "--model", tiny_model_dir, "--calib", text_file, "--calib-samples", "4", "--calib-seqlen",
+            "64", "--ratio", "0.5", "--factorize", "dobi-svd", "--out", str(out), "--no-progress"]
+    for k, v in FAST.items():
+        argv += ["--opt", f"{k}={v}"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "svdpress.json").read_text())
+    assert manifest["factorize"] == "dobi-svd" and manifest["allocate"] == "dobi"
+    assert manifest["ratio"]["achieved"] <= 0.5
