@@ -213,9 +213,10 @@ def hard_loss(run: dict, ranks: Mapping[str, Optional[int]]) -> float:
     batches' losses (all batches hold the same number of tokens but perhaps the last)."""
     masks: DobiMasks = run["masks"]
     runner = masks.runner
+    teacher = run["teacher"]
     masks.hard = dict(ranks)
     try:
-        losses = [float(task_loss(runner, h, run["batches"][j], None if run["teacher"] is None else run["teacher"][j]))
+        losses = [float(task_loss(runner, h, run["batches"][j], None if teacher is None else teacher[j]))
                   for j, h in enumerate(runner.forward(run["states"], overrides=masks.overrides()))]
     finally:
         masks.hard = None
