@@ -139,7 +139,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     d = CompressConfig()
     p.add_argument("--model", default=d.model, help="hub id, local dir, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--factorize", default=d.factorize, help="factorization method (svdpress methods lists them)")
-    p.add_argument("--allocate", default=None, help=f"rank allocation method (default {d.allocate}; load with --ranks)")
+    p.add_argument("--allocate", default=None,
+                   help=f"rank allocation method (default: the factorizer's own if it has one, dobi for dobi-svd, "
+                        f"else {d.allocate}; load with --ranks)")
     p.add_argument("--ranks", default=None, metavar="FILE.json",
                    help="reuse the ranks.json of a previous run (implies --allocate load)")
     p.add_argument("--ratio", type=float, default=d.ratio,
@@ -179,12 +181,16 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     add_eval_args(p)
 
 
-def allocation_args(allocate: Optional[str], ranks: Optional[str], options: dict[str, Any]) -> tuple[str, dict]:
-    """--ranks FILE is --allocate load --opt ranks=FILE; with another method it is a mistake."""
+def allocation_args(allocate: Optional[str], ranks: Optional[str], options: dict[str, Any],
+                    factorize: Optional[str] = None) -> tuple[str, dict]:
+    """--ranks FILE is --allocate load --opt ranks=FILE; with another method it is a mistake. Without --allocate,
+    a factorizer registered with its own allocation (dobi-svd → dobi) brings it; otherwise the default."""
     from .config import CompressConfig
+    from .factorize import FACTORIZERS
 
     if ranks is None:
-        return allocate or CompressConfig().allocate, options
+        paired = FACTORIZERS[factorize].allocator if factorize else None
+        return allocate or paired or CompressConfig().allocate, options
     if allocate not in (None, "load"):
         raise SvdpressError(f"--ranks reuses a saved allocation (--allocate load); it cannot be combined with "
                             f"--allocate {allocate}")
@@ -201,7 +207,7 @@ def _compress(a: argparse.Namespace) -> int:
     ppl, tasks = split_eval(a.eval)
     if a.json is not None:
         check_json_path(a.json)
-    allocate, options = allocation_args(a.allocate, a.ranks, parse_opts(a.opt))
+    allocate, options = allocation_args(a.allocate, a.ranks, parse_opts(a.opt), a.factorize)
     cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio, calib=a.calib,
                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                          calib_batch_size=a.calib_batch_size, seed=a.seed, rank_multiple=a.rank_multiple,

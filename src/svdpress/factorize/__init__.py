@@ -69,16 +69,19 @@ class Factorizer:
     description: str = ""
     needs_fisher: bool = False  # the pass must also gather the per-sequence weight Fisher (m×n float64 a layer)
     out_grad: str = "token"  # the estimator of G the pass gathers (calibrate.OUT_GRAD_KINDS): token | sequence
+    allocator: Optional[str] = None  # the allocation method the CLI pairs with it when --allocate is not given
 
 
 FACTORIZERS: Registry[Factorizer] = Registry("factorization", __name__)
 
 
 def register_factorizer(name: str, needs_gradients: bool = False, description: str = "", needs_fisher: bool = False,
-                        out_grad: str = "token"):
+                        out_grad: str = "token", allocator: Optional[str] = None):
+    """`allocator`: for methods that are a factorization and an allocation together (dobi-svd → dobi), the
+    allocation `svdpress compress --factorize NAME` uses when no --allocate is given."""
     def deco(fn):
         FACTORIZERS.register(name)(Factorizer(fn, needs_gradients or needs_fisher, description, needs_fisher,
-                                              out_grad))
+                                              out_grad, allocator))
         return fn
     return deco
 
