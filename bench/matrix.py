@@ -1,0 +1,266 @@
+"""The method matrix: every factorizer × every allocator × ratio, wiki and c4 perplexity, on one calibration.
+
+Protocol (COMMON.md, as bench/allocation.py): calibration 32×512 tokens of wiki's first half (seed 0), gathered
+ONCE through the on-disk stats cache (input statistics, and the gradient statistics kfac / fwsvd / gfwsvd
+need), so every factorizer reads the same statistics; each factorizer's spectra are computed once and every
+(allocator, ratio) cell is built from them on the restored dense layers; perplexity on `--limit` tokens of each
+text's second half in `--seqlen` windows. Allocators that measure the model share one sensitivity cache per
+factorizer (a layer's sensitivity is measured once per spectra, whatever the method or ratio).
+
+    python bench/matrix.py                                             # every cell (hours on 2 CPU cores)
+    python bench/matrix.py --factorizers svd-llm,kfac --allocators uniform,lems --ratios 0.8
+    python bench/matrix.py --opt fermigrad.steps=100                   # a method's option, as in allocation.py
+
+Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun with the same protocol skips
+the cells it already holds (a cell that failed is recorded with its error and retried). Prints the table laid
+out like the seed's tables (per ratio: one row per factorizer + allocator, wiki / c4), a pivot of wiki perplexity
+per ratio (factorizer × allocator), the cells that answer issue #16's checks, and writes a heat-map PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
+from svdpress.cli import parse_method_opts  # noqa: E402
+from svdpress.config import EvalConfig, resolve_device  # noqa: E402
+from svdpress.data import calibration_samples  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.factorize import FACTORIZERS  # noqa: E402
+from svdpress.lowrank import set_module  # noqa: E402
+from svdpress.model import Placement, Runner  # noqa: E402
+from svdpress.models import load_model  # noqa: E402
+from svdpress.params import count_params, dense_count  # noqa: E402
+from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
+from svdpress.table import table  # noqa: E402
+
+FACTORIZERS_ALL = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "kfac", "gfwsvd", "dobi-svd")
+ALLOCATORS_ALL = ("uniform", "atp", "mrcs", "asvd-threshold", "lems", "fermigrad", "asvd-plus", "mrcs-plus", "dobi")
+TEXTS = ("wiki", "c4")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--factorizers", default=",".join(FACTORIZERS_ALL), help="comma list; unregistered skipped")
+    p.add_argument("--allocators", default=",".join(ALLOCATORS_ALL), help="comma list; unregistered skipped")
+    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
+    p.add_argument("--rank-multiple", type=int, default=1)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
+    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens per text")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def protocol(a) -> dict:
+    """What a stored cell must share with this run to be reused."""
+    return {"model": a.model, "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
+            "eval": f"second half of {', '.join(TEXTS)}: {a.limit} tokens each, seqlen {a.seqlen}",
+            "rank_multiple": a.rank_multiple}
+
+
+def load_doc(path: Path, proto: dict) -> dict:
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("protocol") == proto:
+            return doc
+        print(f"{path}: another protocol; starting a new matrix")
+    return {"protocol": proto, "cells": {}, "factorize_s": {}}
+
+
+def save_doc(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
+
+
+def key(f: str, m: str, ratio: float) -> str:
+    return f"{f}|{m}|{ratio}"
+
+
+def fmt(x: Any) -> str:
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "-"
+    return f"{x:.1f}" if x < 1000 else f"{x:.3g}"
+
+
+def report(doc: dict, facs: list[str], allocs: list[str], ratios: list[float]) -> str:
+    cells = doc["cells"]
+    rows = []
+    for ratio in ratios:
+        for f in facs:
+            for m in allocs:
+                c = cells.get(key(f, m, ratio))
+                if c is None:
+                    continue
+                if "error" in c:
+                    rows.append([ratio, f, m, "error", "", "", c["error"][:60]])
+                    continue
+                rows.append([ratio, f, m, fmt(c["ppl"]["wiki"]), fmt(c["ppl"]["c4"]), f"{c['achieved']:.4f}",
+                             f"{c['search_s']:.0f}"])
+    out = [table(rows, ["ratio", "factorize", "allocate", "wiki ppl", "c4 ppl", "achieved", "search s"])]
+    if "dense" in doc:
+        out.append(f"dense: wiki {fmt(doc['dense']['wiki'])}, c4 {fmt(doc['dense']['c4'])}")
+    for ratio in ratios:  # pivot: wiki ppl, factorizer × allocator
+        grid = [[f] + [fmt(cells.get(key(f, m, ratio), {}).get("ppl", {}).get("wiki")) for m in allocs] for f in facs]
+        out.append(f"\nwiki perplexity at ratio {ratio} (rows: factorize, columns: allocate)\n"
+                   + table(grid, ["factorize"] + allocs))
+    out.append(checks(doc, facs, allocs, ratios))
+    return "\n".join(out)
+
+
+def _wiki(doc: dict, f: str, m: str, ratio: float) -> float:
+    return doc["cells"].get(key(f, m, ratio), {}).get("ppl", {}).get("wiki", math.nan)
+
+
+def checks(doc: dict, facs: list[str], allocs: list[str], ratios: list[float]) -> str:
+    """Issue #16's checks, computed from the cells present (a check whose cells are missing says so)."""
+    lines = ["\nchecks (wiki perplexity):"]
+    if 0.8 in ratios:
+        done = [(_wiki(doc, f, m, 0.8), f, m) for f in facs for m in allocs if math.isfinite(_wiki(doc, f, m, 0.8))]
+        kl = _wiki(doc, "kfac", "lems", 0.8)
+        if done and math.isfinite(kl):
+            best = min(done)
+            lines.append(f"- kfac+lems at 0.8: {kl:.2f}; best cell {best[1]}+{best[2]} {best[0]:.2f} "
+                         f"({kl / best[0] - 1:+.1%}; target: within 5%) -> {'MET' if kl <= 1.05 * best[0] else 'MISSED'}")
+        else:
+            lines.append("- kfac+lems at 0.8: not measured")
+    for other, relation in (("gfwsvd", "worse than kfac"),):
+        pairs = [(r, m, _wiki(doc, other, m, r), _wiki(doc, "kfac", m, r)) for r in ratios for m in allocs]
+        pairs = [p for p in pairs if math.isfinite(p[2]) and math.isfinite(p[3])]
+        if pairs:
+            bad = [p for p in pairs if p[2] <= p[3]]
+            lines.append(f"- {other} {relation} in {len(pairs) - len(bad)}/{len(pairs)} shared cells"
+                         + (f"; not where: {', '.join(f'{m}@{r}' for r, m, _, _ in bad)}" if bad else ""))
+    for r in ratios:
+        d, s, k = (_wiki(doc, f, "uniform", r) for f in ("dobi-svd", "svd-llm", "kfac"))
+        dd = _wiki(doc, "dobi-svd", "dobi", r)
+        if math.isfinite(s) and math.isfinite(k) and (math.isfinite(d) or math.isfinite(dd)):
+            lo, hi = min(s, k), max(s, k)
+            parts = [f"{name} {v:.2f}" for name, v in (("dobi-svd+uniform", d), ("dobi-svd+dobi", dd))
+                     if math.isfinite(v)]
+            inside = [lo <= v <= hi for v in (d, dd) if math.isfinite(v)]
+            lines.append(f"- ratio {r}: {', '.join(parts)} vs svd-llm {s:.2f} / kfac {k:.2f} (uniform): "
+                         f"{'between' if all(inside) else 'not between'}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, facs: list[str], allocs: list[str], ratios: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(ratios), figsize=(3.2 * len(ratios) + 1, 0.45 * len(facs) + 2), squeeze=False)
+    for ax, r in zip(axes[0], ratios):
+        grid = np.array([[_wiki(doc, f, m, r) for m in allocs] for f in facs], dtype=float)
+        im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto")
+        for i in range(len(facs)):
+            for j in range(len(allocs)):
+                if math.isfinite(grid[i, j]):
+                    ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=6, color="w")
+        ax.set_xticks(range(len(allocs)), allocs, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(facs)), facs, fontsize=7)
+        ax.set_title(f"wiki ppl @ {r}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="log10 wiki ppl", shrink=0.8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    progress = not a.no_progress
+    device = resolve_device(a.device)
+    facs = [f for f in a.factorizers.split(",") if f]
+    allocs = [m for m in a.allocators.split(",") if m]
+    skipped = [f for f in facs if f not in FACTORIZERS] + [m for m in allocs if m not in ALLOCATORS]
+    facs, allocs = [f for f in facs if f in FACTORIZERS], [m for m in allocs if m in ALLOCATORS]
+    if skipped:
+        print(f"skipping unregistered methods: {', '.join(skipped)}")
+    ratios = [float(r) for r in a.ratios.split(",")]
+    try:
+        opts = parse_method_opts(a.opt)
+        for m in allocs:  # every method's options (and optional packages: optuna) before the model is loaded
+            check_options(m, opts.get(m, {}))
+    except SvdpressError as e:
+        raise SystemExit(str(e)) from None
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = load_doc(out, protocol(a))
+    doc["options"] = opts
+    todo = {f: [(m, r) for m in allocs for r in ratios
+                if key(f, m, r) not in doc["cells"] or "error" in doc["cells"][key(f, m, r)]] for f in facs}
+    if not any(todo.values()) and "dense" in doc:
+        print(report(doc, facs, allocs, ratios))
+        plot(doc, facs, allocs, ratios, out.with_suffix(".png"))
+        return 0
+
+    model, tok, _ = load_model(a.model)
+    runner = Runner(model, Placement(device=device, offload="none"))
+    samples, _ = calibration_samples(tok, "wiki", a.calib_samples, a.calib_seqlen, 0)
+    shapes = runner.arch.shapes()
+    originals = {name: model.get_submodule(name) for name in shapes}
+    ev = EvalConfig(ppl=TEXTS, seqlen=a.seqlen, limit=a.limit)
+
+    def ppl() -> dict[str, float]:
+        res = evaluate_model(runner, tok, ev, device, progress)["ppl"]
+        return {t: res[t]["ppl"] for t in TEXTS}
+
+    if "dense" not in doc:
+        doc["dense"] = ppl()
+        save_doc(out, doc)
+    for f in facs:
+        if not todo[f]:
+            continue
+        t = time.perf_counter()
+        spectra = factorize_model(runner, samples, f, Timer(), a.batch_size, progress, a.stats_cache)
+        doc["factorize_s"][f] = round(time.perf_counter() - t, 1)
+        cache: dict = {}  # sensitivities measured on these spectra, shared by every allocator and ratio
+        for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
+            problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
+                                        samples, 0, progress, cache)
+            t = time.perf_counter()
+            try:
+                alloc = allocate(problem, m)
+                wall = time.perf_counter() - t
+                build(runner, spectra, alloc.ranks, progress=False)
+                cell = {"ppl": ppl(), "achieved": count_params(shapes, alloc.ranks) / dense_count(shapes),
+                        "search_s": float(alloc.info.get("search_s", wall)), "wall_s": round(wall, 1),
+                        "ranks": dict(alloc.ranks)}
+            except SvdpressError as e:  # a combination a method refuses is recorded, not fatal
+                cell = {"error": str(e)}
+            finally:
+                for name, layer in originals.items():
+                    set_module(model, name, layer)
+            doc["cells"][key(f, m, ratio)] = cell
+            save_doc(out, doc)
+            print(f"{f}+{m} @ {ratio}: " + (f"wiki {cell['ppl']['wiki']:.2f}, c4 {cell['ppl']['c4']:.2f}"
+                                            if "ppl" in cell else f"error: {cell['error']}"), flush=True)
+        del spectra, cache
+    print(report(doc, facs, allocs, ratios))
+    plot(doc, facs, allocs, ratios, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
