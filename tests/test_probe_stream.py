@@ -71,7 +71,9 @@ def test_chunked_probe_equals_full_logits(monkeypatch, variant):
             kl = float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum")) / samples.numel()
             for name, w in saved.items():
                 direct.get_submodule(name).weight.copy_(w)
-            assert g["kl"] == pytest.approx(kl, rel=3e-5)
+            # float32 chunks vs a float64 reference: a KL of ~3e-4 carries ~1e-8 of float32 rounding (4e-5 of it
+            # with soft-capping under transformers 5.24); a chunking error would be orders of magnitude larger
+            assert g["kl"] == pytest.approx(kl, rel=1e-4)
             assert g["nll"] == pytest.approx(nll, rel=1e-5)
             assert g["dnll"] == pytest.approx(nll - ref_nll, rel=1e-3, abs=1e-6)
     assert got[0]["kl"] > 1e-3 and got[2] == {"kl": 0.0, "nll": probe.ref_nll, "dnll": 0.0}
