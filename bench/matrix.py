@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="only print the stored cells as the README's tables")
     return p.parse_args(argv)
 
 
@@ -125,6 +126,21 @@ def report(doc: dict, facs: list[str], allocs: list[str], ratios: list[float]) -
                    + table(grid, ["factorize"] + allocs))
     out.append(checks(doc, facs, allocs, ratios))
     return "\n".join(out)
+
+
+def markdown(doc: dict, facs: list[str], allocs: list[str], ratios: list[float]) -> str:
+    """The README's tables: per ratio, factorizer rows × allocator columns with a measured cell, "wiki / c4"."""
+    out = []
+    for ratio in ratios:
+        grid = []
+        cols = [m for m in allocs if any("ppl" in doc["cells"].get(key(f, m, ratio), {}) for f in facs)]
+        for f in facs:
+            cs = [doc["cells"].get(key(f, m, ratio), {}).get("ppl") for m in cols]
+            if any(cs):
+                grid.append([f] + [f"{fmt(c['wiki'])} / {fmt(c['c4'])}" if c else "-" for c in cs])
+        if grid:
+            out.append(f"ratio {ratio}, wiki / c4 perplexity:\n\n" + table(grid, ["factorize"] + cols, markdown=True))
+    return "\n\n".join(out)
 
 
 def _wiki(doc: dict, f: str, m: str, ratio: float) -> float:
@@ -206,6 +222,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = load_doc(out, protocol(a))
+    if a.markdown:
+        print(markdown(doc, facs, allocs, ratios))
+        return 0
     doc["options"] = opts
     todo = {f: [(m, r) for m in allocs for r in ratios
                 if key(f, m, r) not in doc["cells"] or "error" in doc["cells"][key(f, m, r)]] for f in facs}
