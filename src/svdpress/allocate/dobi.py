@@ -47,12 +47,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as Fn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
@@ -61,7 +59,7 @@ from ..factorize import LayerSpectrum
 from ..model.head import nll_sum
 from . import Allocation, AllocationProblem, allocator
 from .common import fill_config
-from .fermigrad import fermi_windows, hard_ranks, teacher_topk, topk_kl
+from .fermigrad import MaskedSpectrum, SpectrumMasks, fermi_windows, hard_ranks, teacher_topk, topk_kl
 
 
 @dataclass
@@ -109,65 +107,36 @@ def open_position(full_rank: int, beta: float, cutoff: float) -> float:
     return full_rank + 0.5 + cutoff / (2 * beta)
 
 
-class DobiLinear(nn.Module):
+class DobiLinear(MaskedSpectrum):
     """y = U·((S ⊙ T(k)) ⊙ (V x)) + b with k = θ[index]·N: the layer's output truncated in its activations'
-    principal basis. The spectrum's tensors are used as they are (no copy on the CPU); directions whose mask is
-    below e^-cutoff are skipped, so a step costs about what the truncated layer costs."""
+    principal basis (the MaskedSpectrum forward with Dobi-SVD's tanh truncation as the mask)."""
 
     def __init__(self, spec: LayerSpectrum, bias: Optional[torch.Tensor], theta: nn.Parameter, index: int,
                  beta: float, cutoff: float, device: str | torch.device = "cpu") -> None:
-        super().__init__()
-        self.U = spec.U.to(device=device, dtype=torch.float32)
-        self.V = spec.V.to(device=device, dtype=torch.float32)
-        self.S = spec.S.to(device=device, dtype=torch.float32)
-        self.bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
-        self.N = spec.full_rank
-        self.__dict__["theta"] = theta  # shared by every masked layer; kept out of the model's parameters
-        self.index, self.beta, self.cutoff = index, beta, cutoff
-        self.hard_rank: Optional[int] = None  # set: the hard cut at that rank (for measuring an allocation)
+        super().__init__(spec, bias, theta, index, cutoff, device)
+        self.beta = beta
 
     @property
     def k(self) -> torch.Tensor:
         return self.theta[self.index] * self.N
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hard_rank is not None:
-            a = min(self.hard_rank, self.N)
-            g = self.S[:a]
-        else:
-            k = self.k
-            # T_i ≥ e^-cutoff ⇔ β(k − i − ½) ≳ −cutoff/2: the directions still (partly) open
-            a = max(1, min(self.N, math.ceil(float(k.detach()) - 0.5 + self.cutoff / (2 * self.beta))))
-            g = self.S[:a] * truncation(k, a, self.beta)
-        h = Fn.linear(x.float(), self.V[:a]) * g
-        return Fn.linear(h, self.U[:, :a], self.bias).to(x.dtype)
+    def soft_gains(self) -> tuple[int, torch.Tensor]:
+        k = self.k
+        # T_i ≥ e^-cutoff ⇔ β(k − i − ½) ≳ −cutoff/2: the directions still (partly) open
+        a = max(1, min(self.N, math.ceil(float(k.detach()) - 0.5 + self.cutoff / (2 * self.beta))))
+        return a, self.S[:a] * truncation(k, a, self.beta)
 
 
-class DobiMasks:
-    """θ (one entry per target layer) and the runner overrides that put a DobiLinear in each target layer's place
-    while its block runs; the dense modules are never swapped out of the model. On a resident model each mask
-    is built once; when streaming, it is built from the spectrum each time its block is materialized."""
+class DobiMasks(SpectrumMasks):
+    """DobiLinear masks, k_l = θ_l·N_l, in each target layer's place while its block runs (SpectrumMasks)."""
 
     def __init__(self, problem: AllocationProblem, cfg: DobiConfig, theta0: torch.Tensor) -> None:
-        self.runner, self.spectra, self.cfg = problem.runner, problem.spectra, cfg
-        self.names = list(problem.shapes)
-        self.theta = nn.Parameter(theta0.clone().to(self.runner.device))
-        self.resident = self.runner.offload == "none"
-        self.layers: dict[str, DobiLinear] = {}
-        self.hard: Optional[Mapping[str, Optional[int]]] = None
+        super().__init__(problem, theta0)
+        self.cfg = cfg
 
-    def _make(self, name: str, index: int, original: nn.Module) -> DobiLinear:
-        layer = self.layers.get(name)
-        if layer is None:
-            layer = DobiLinear(self.spectra[name], original.bias, self.theta, index, self.cfg.beta, self.cfg.cutoff,
-                               self.runner.device)
-            if self.resident:
-                self.layers[name] = layer
-        layer.hard_rank = None if self.hard is None else (self.hard.get(name) or layer.N)
-        return layer
-
-    def overrides(self) -> dict[str, Callable[[nn.Module], nn.Module]]:
-        return {name: partial(self._make, name, i) for i, name in enumerate(self.names)}
+    def make_layer(self, name: str, index: int, original: nn.Module) -> DobiLinear:
+        return DobiLinear(self.spectra[name], original.bias, self.theta, index, self.cfg.beta, self.cfg.cutoff,
+                          self.runner.device)
 
 
 def full_ranks(problem: AllocationProblem) -> torch.Tensor:
@@ -214,12 +183,12 @@ def hard_loss(run: dict, ranks: Mapping[str, Optional[int]]) -> float:
     masks: DobiMasks = run["masks"]
     runner = masks.runner
     teacher = run["teacher"]
-    masks.hard = dict(ranks)
+    masks.set_hard(ranks)
     try:
         losses = [float(task_loss(runner, h, run["batches"][j], None if teacher is None else teacher[j]))
                   for j, h in enumerate(runner.forward(run["states"], overrides=masks.overrides()))]
     finally:
-        masks.hard = None
+        masks.set_hard(None)
     return sum(losses) / len(losses)
 
 

@@ -138,14 +138,15 @@ def mu_max(full_rank: int, temperature: float, cutoff: float) -> float:
     return full_rank + 0.5 + cutoff * full_rank * temperature
 
 
-class FermiLinear(nn.Module):
-    """y = U·((S ⊙ F(μ)) ⊙ (V x)) + b, μ = θ[index]·scale; the spectrum's tensors are used in place, never copied
-    (on the CPU). Columns whose mask is below e^-cutoff are skipped, which makes a step cost about what the
-    compressed layer costs rather than the full-rank factors. `hard_rank` switches to the hard cut (for
-    measuring the KL of a discrete allocation)."""
+class MaskedSpectrum(nn.Module):
+    """y = U·(g ⊙ (V x)) + b over a layer's full spectrum, with gains g = S ⊙ mask(θ[index]) from a subclass
+    (FermiGrad's Fermi function, Dobi-SVD's tanh truncation). The spectrum's tensors are used in place, never
+    copied (on the CPU); only the first k directions, those whose mask is at least e^-cutoff, are computed, so a
+    step costs about what the truncated layer costs rather than the full-rank factors. `hard_rank` switches to
+    the hard cut at that rank (for measuring the loss of a discrete allocation)."""
 
     def __init__(self, spec: LayerSpectrum, bias: Optional[torch.Tensor], theta: nn.Parameter, index: int,
-                 temperature: float, cutoff: float, scale: float, device: str | torch.device = "cpu") -> None:
+                 cutoff: float, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.U = spec.U.to(device=device, dtype=torch.float32)
         self.V = spec.V.to(device=device, dtype=torch.float32)
@@ -153,8 +154,32 @@ class FermiLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
         self.N = spec.full_rank
         self.__dict__["theta"] = theta  # shared by every masked layer; kept out of the model's parameters
-        self.index, self.temperature, self.cutoff, self.scale = index, temperature, cutoff, scale
+        self.index, self.cutoff = index, cutoff
         self.hard_rank: Optional[int] = None
+
+    def soft_gains(self) -> tuple[int, torch.Tensor]:
+        """(k, S[:k] ⊙ mask[:k]): the directions still (partly) open and their gains, differentiable in θ."""
+        raise NotImplementedError
+
+    def gains(self) -> tuple[int, torch.Tensor]:
+        if self.hard_rank is not None:
+            k = min(self.hard_rank, self.N)
+            return k, self.S[:k]
+        return self.soft_gains()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, g = self.gains()
+        h = Fn.linear(x.float(), self.V[:k]) * g  # (S ⊙ mask) ⊙ (V x)
+        return Fn.linear(h, self.U[:, :k], self.bias).to(x.dtype)
+
+
+class FermiLinear(MaskedSpectrum):
+    """FermiGrad's masked layer: gains S ⊙ F(μ), μ = θ[index]·scale."""
+
+    def __init__(self, spec: LayerSpectrum, bias: Optional[torch.Tensor], theta: nn.Parameter, index: int,
+                 temperature: float, cutoff: float, scale: float, device: str | torch.device = "cpu") -> None:
+        super().__init__(spec, bias, theta, index, cutoff, device)
+        self.temperature, self.scale = temperature, scale
 
     @property
     def mu(self) -> torch.Tensor:
@@ -164,18 +189,10 @@ class FermiLinear(nn.Module):
         """Columns with F_j ≥ e^-cutoff: j + ½ − μ < cutoff·N·T."""
         return max(1, min(self.N, math.ceil(mu - 0.5 + self.cutoff * self.N * self.temperature)))
 
-    def gains(self) -> tuple[int, torch.Tensor]:
-        if self.hard_rank is not None:
-            k = min(self.hard_rank, self.N)
-            return k, self.S[:k]
+    def soft_gains(self) -> tuple[int, torch.Tensor]:
         mu = self.mu
         k = self.active(float(mu.detach()))
         return k, self.S[:k] * fermi(mu, k, self.N, self.temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, g = self.gains()
-        h = Fn.linear(x.float(), self.V[:k]) * g  # (S ⊙ F) ⊙ (V x)
-        return Fn.linear(h, self.U[:, :k], self.bias).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,28 +244,29 @@ def fermi_windows(samples: torch.Tensor, n: int, seqlen: int, seed: int) -> torc
 # Training
 
 
-class FermiMasks:
-    """One parameter vector θ shared by a FermiLinear per target layer (μ_l = θ_l·scale_l), given to the runner
-    as `overrides`: while a block runs, its target layers are FermiLinear masks; the dense modules stay in the
+class SpectrumMasks:
+    """One parameter vector θ shared by a masked layer per target layer, given to the runner as `overrides`:
+    while a block runs, its target layers are masks (`make_layer`, from a subclass); the dense modules stay in the
     model, untouched. On a resident model (offload "none") each mask is built once and reused; when streaming,
     a mask is built from the spectrum on the execution device each time its block is materialized, so the
     device holds one block's spectra at a time."""
 
-    def __init__(self, problem: AllocationProblem, cfg: FermiGradConfig, theta0: torch.Tensor) -> None:
+    def __init__(self, problem: AllocationProblem, theta0: torch.Tensor) -> None:
         self.runner = problem.runner
         self.names = list(problem.shapes)
-        self.scales = rank_scales(problem)
         self.theta = nn.Parameter(theta0.clone().to(self.runner.device))
-        self.spectra, self.cfg = problem.spectra, cfg
+        self.spectra = problem.spectra
         self.resident = self.runner.offload == "none"
-        self.layers: dict[str, FermiLinear] = {}  # the reused masks (resident model only)
+        self.layers: dict[str, MaskedSpectrum] = {}  # the reused masks (resident model only)
         self.hard: Optional[Mapping[str, Optional[int]]] = None
 
-    def _make(self, name: str, index: int, original: nn.Module) -> FermiLinear:
+    def make_layer(self, name: str, index: int, original: nn.Module) -> MaskedSpectrum:
+        raise NotImplementedError
+
+    def _make(self, name: str, index: int, original: nn.Module) -> MaskedSpectrum:
         layer = self.layers.get(name)
         if layer is None:
-            layer = FermiLinear(self.spectra[name], original.bias, self.theta, index, self.cfg.temperature,
-                                self.cfg.cutoff, float(self.scales[index]), self.runner.device)
+            layer = self.make_layer(name, index, original)
             if self.resident:
                 self.layers[name] = layer
         layer.hard_rank = None if self.hard is None else (self.hard.get(name) or layer.N)
@@ -261,6 +279,19 @@ class FermiMasks:
     def set_hard(self, ranks: Optional[Mapping[str, Optional[int]]]) -> None:
         """Hard cut at `ranks` (None rank = dense = full rank), or back to the soft masks with `ranks=None`."""
         self.hard = None if ranks is None else dict(ranks)
+
+
+class FermiMasks(SpectrumMasks):
+    """FermiLinear masks, μ_l = θ_l·scale_l (`rank_scales`)."""
+
+    def __init__(self, problem: AllocationProblem, cfg: FermiGradConfig, theta0: torch.Tensor) -> None:
+        super().__init__(problem, theta0)
+        self.scales = rank_scales(problem)
+        self.cfg = cfg
+
+    def make_layer(self, name: str, index: int, original: nn.Module) -> FermiLinear:
+        return FermiLinear(self.spectra[name], original.bias, self.theta, index, self.cfg.temperature,
+                           self.cfg.cutoff, float(self.scales[index]), self.runner.device)
 
 
 def rank_scales(problem: AllocationProblem) -> torch.Tensor:
