@@ -16,12 +16,14 @@ statistics are cached in --work so every start shares them). Healing trains on t
 (`--heal calib=...`, default wiki); perplexity is measured on 8192 tokens of each text's held-out second half
 in 1024-token windows, at step 0 and every --ppl-every steps (the time it takes is not counted as healing time),
 and the final figures are those of the best checkpoint (lowest validation KL), which is what `svdpress heal` saves.
-Writes a table, bench/results/heal.json (rewritten after every run) and heal.png (the curves).
+Writes a table, bench/results/heal.json (rewritten after every run) and heal.png (the curves). Resumable: a rerun
+with the same settings keeps the runs the file holds and does only the missing ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -205,37 +207,61 @@ def print_table(doc: dict) -> None:
         print(line)
 
 
+def run_key(r: dict) -> tuple:
+    return (r["factorize"], r["ratio"], r["start"], r["mode"])
+
+
+RESUME_KEYS = ("model", "device", "ppl_texts", "heal_options", "allocation_options", "eval", "tasks", "task_limit")
+
+
+def resume(out: Path, fresh: dict) -> dict:
+    """The stored document when it was made under the same settings (its runs are kept and skipped), else `fresh`:
+    a sweep of many heal runs can be stopped and continued."""
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if all(old.get(k) == fresh[k] for k in RESUME_KEYS):
+            print(f"{out}: resuming, {len(old.get('results', []))} run(s) kept")
+            return old
+        print(f"{out}: other settings; starting anew")
+    return fresh
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     progress = not a.no_progress
     device = resolve_device(a.device)
     texts = csv(a.ppl)
-    heal_opts = parse_opts(a.heal)
-    HealConfig.from_options(heal_opts).validate()  # bad settings fail before anything is compressed
-    try:
+    try:  # bad settings fail before anything is compressed
+        heal_opts = parse_opts(a.heal)
+        HealConfig.from_options(heal_opts).validate()
         alloc_opts = parse_method_opts(a.opt)
     except SvdpressError as e:
         raise SystemExit(str(e)) from None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"model": a.model, "device": device, "ppl_texts": texts, "heal_options": heal_opts,
-                           "allocation_options": alloc_opts, "protocol": __doc__.split("Protocol: ")[1].strip(),
-                           "eval": f"{', '.join(texts)} second halves, {a.limit} tokens, seqlen {a.seqlen}",
-                           "tasks": csv(a.tasks), "task_limit": a.task_limit, "results": []}
-    if not a.no_dense:
+    fresh: dict[str, Any] = {"model": a.model, "device": device, "ppl_texts": texts, "heal_options": heal_opts,
+                             "allocation_options": alloc_opts, "protocol": __doc__.split("Protocol: ")[1].strip(),
+                             "eval": f"{', '.join(texts)} second halves, {a.limit} tokens, seqlen {a.seqlen}",
+                             "tasks": csv(a.tasks), "task_limit": a.task_limit, "results": []}
+    doc = resume(out, fresh)
+    if not a.no_dense and "dense_ppl" not in doc:
         dense = svdpress.evaluate(a.model, EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit), device=device)
         doc["dense_ppl"] = {t: v["ppl"] for t, v in dense["ppl"].items()}
+    done = {run_key(r) for r in doc["results"]}
     for fac in csv(a.factorize):
         for ratio in (float(r) for r in csv(a.ratios)):
             for start in csv(a.starts):
+                modes = [m for m in csv(a.modes) if (fac, ratio, start, m) not in done]
+                if not modes:
+                    continue
                 path = compressed(a, fac, start, ratio, alloc_opts.get(start, {}), device, progress)
                 before_tasks = None
                 if a.tasks:
                     ev = svdpress.evaluate(path, EvalConfig(ppl=(), tasks=tuple(csv(a.tasks)),
                                                             task_limit=a.task_limit), device=device)
                     before_tasks = ev["tasks"]
-                for mode in csv(a.modes):
+                for mode in modes:
                     r = run_one(a, path, mode, heal_opts, texts, device, progress)
                     r.update(factorize=fac, ratio=ratio, start=start,
                              allocation=read_manifest(path).get("allocate"))
