@@ -12,9 +12,11 @@ factorizer (a layer's sensitivity is measured once per spectra, whatever the met
     python bench/matrix.py --opt fermigrad.steps=100                   # a method's option, as in allocation.py
 
 Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun with the same protocol skips
-the cells it already holds (a cell that failed is recorded with its error and retried). Prints the table laid
-out like the seed's tables (per ratio: one row per factorizer + allocator, wiki / c4), a pivot of wiki perplexity
-per ratio (factorizer × allocator), the cells that answer issue #16's checks, and writes a heat-map PNG.
+the cells it already holds (a cell that failed is recorded with its error and retried); the sensitivity
+measurements of each factorizer's spectra are kept in bench/results/matrix-probes/, so a later run for other
+ratios reuses them. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
+allocator, wiki / c4), a pivot of wiki perplexity per ratio (factorizer × allocator), the cells that answer issue
+#16's checks, and writes a heat-map PNG.
 """
 
 from __future__ import annotations
@@ -91,6 +93,30 @@ def save_doc(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
+
+
+def probes_path(out: Path, f: str) -> Path:
+    return out.parent / "matrix-probes" / f"{f}.pt"
+
+
+def load_probes(path: Path, proto: dict) -> dict:
+    """The sensitivity measurements made on factorizer f's spectra by an earlier run of this protocol (lems,
+    asvd-threshold, mrcs and the + variants read them through the problem cache), so a rerun for other ratios
+    does not probe again."""
+    if path.is_file():
+        doc = torch.load(path, weights_only=False)
+        if doc.get("protocol") == proto:
+            return dict(doc["entries"])
+    return {}
+
+
+def save_probes(path: Path, proto: dict, cache: dict) -> None:
+    entries = {k: v for k, v in cache.items() if isinstance(k, tuple) and k and k[0] == "sensitivity"}
+    if entries:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"protocol": proto, "entries": entries}, tmp)
+        tmp.replace(path)
 
 
 def key(f: str, m: str, ratio: float) -> str:
@@ -253,7 +279,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         spectra = factorize_model(runner, samples, f, Timer(), a.batch_size, progress, a.stats_cache)
         doc["factorize_s"][f] = round(time.perf_counter() - t, 1)
-        cache: dict = {}  # sensitivities measured on these spectra, shared by every allocator and ratio
+        # sensitivities measured on these spectra, shared by every allocator and ratio (and kept on disk)
+        cache: dict = load_probes(probes_path(out, f), protocol(a))
         for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
                                         samples, 0, progress, cache)
@@ -272,6 +299,7 @@ def main(argv=None) -> int:
                     set_module(model, name, layer)
             doc["cells"][key(f, m, ratio)] = cell
             save_doc(out, doc)
+            save_probes(probes_path(out, f), protocol(a), cache)
             print(f"{f}+{m} @ {ratio}: " + (f"wiki {cell['ppl']['wiki']:.2f}, c4 {cell['ppl']['c4']:.2f}"
                                             if "ppl" in cell else f"error: {cell['error']}"), flush=True)
         del spectra, cache
