@@ -109,6 +109,9 @@ def run_one(a, path: str, mode: str, heal_opts: dict, texts: list[str], device: 
     h = report["heal"]
     ev = report["eval"]
     start = next(p for p in h["val_curve"] if "ppl" in p)
+    best = next((p for p in h["val_curve"] if p["step"] == h["best_step"]), None)
+    if best is not None and "ppl" not in best:  # e.g. a time limit ended the run between perplexity points:
+        best["ppl"] = {k: v["ppl"] for k, v in ev["ppl"].items()}  # the evaluated model is that checkpoint
     return {"mode": mode, "settings": h["settings"], "params": h["params"], "linear_ratio":
             report["params"]["linear_ratio"], "trainable_params": h["trainable_params"],
             "ppl_before": start["ppl"], "ppl_after": {k: v["ppl"] for k, v in ev["ppl"].items()},
@@ -207,6 +210,21 @@ def print_table(doc: dict) -> None:
         print(line)
 
 
+def tasks_before(a, path: str, device: str) -> dict:
+    """Zero-shot results of the start before healing, computed once per start, task list and limit (kept next to
+    the start in --work: a start is compressed once, so its figures do not change)."""
+    spec = {"tasks": csv(a.tasks), "task_limit": a.task_limit}
+    f = Path(path) / "bench_tasks_before.json"
+    if f.is_file():
+        got = json.loads(f.read_text())
+        if got.get("spec") == spec:
+            return got["tasks"]
+    ev = svdpress.evaluate(path, EvalConfig(ppl=(), tasks=tuple(spec["tasks"]), task_limit=a.task_limit),
+                           device=device)
+    write_json(f, {"spec": spec, "tasks": ev["tasks"]})
+    return ev["tasks"]
+
+
 def run_key(r: dict) -> tuple:
     return (r["factorize"], r["ratio"], r["start"], r["mode"])
 
@@ -256,11 +274,7 @@ def main(argv=None) -> int:
                 if not modes:
                     continue
                 path = compressed(a, fac, start, ratio, alloc_opts.get(start, {}), device, progress)
-                before_tasks = None
-                if a.tasks:
-                    ev = svdpress.evaluate(path, EvalConfig(ppl=(), tasks=tuple(csv(a.tasks)),
-                                                            task_limit=a.task_limit), device=device)
-                    before_tasks = ev["tasks"]
+                before_tasks = tasks_before(a, path, device) if a.tasks else None
                 for mode in modes:
                     r = run_one(a, path, mode, heal_opts, texts, device, progress)
                     r.update(factorize=fac, ratio=ratio, start=start,

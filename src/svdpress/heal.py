@@ -68,7 +68,8 @@ class HealData:
 
 def heal_data(tokenizer, cfg: HealConfig) -> HealData:
     """Non-overlapping windows of `seqlen` tokens: validation from the tail of each calibration half, training
-    from the rest, shuffled with the seed and cut to `samples` (several texts: interleaved by the shuffle)."""
+    from the rest, shuffled with the seed and cut to `samples`, or to the steps × batch_size windows the run can
+    see (several texts: interleaved by the shuffle)."""
     from .data import TEXT_NAMES, load_text, split_text
 
     L = cfg.seqlen
@@ -92,7 +93,8 @@ def heal_data(tokenizer, cfg: HealConfig) -> HealData:
                       "val_token_range": [int(cut), int(len(ids))]})
     g = torch.Generator().manual_seed(cfg.seed)
     train = torch.cat(trains)
-    train = train[torch.randperm(len(train), generator=g)][: cfg.samples]
+    # windows beyond steps × batch_size would never be trained on: they are not taken (nor is the teacher run on them)
+    train = train[torch.randperm(len(train), generator=g)][: min(cfg.samples, cfg.steps * cfg.batch_size)]
     val = torch.cat(vals)
     val = val[torch.randperm(len(val), generator=g)][: cfg.val_samples]
     if len(train) < cfg.batch_size:
