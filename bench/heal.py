@@ -12,7 +12,7 @@ the closing note gives the steps each start needs to reach a given perplexity, a
         --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa --task-limit 200   # CPU target
 
 Protocol: compression as in the other benches (32×512 calibration tokens of wiki's first half, seed 0; the
-statistics are cached in --work so every start shares them). Healing trains on the calibration halves only
+statistics, and the teacher's top-k log-probs, are cached in --work so every start shares them). Healing trains on the calibration halves only
 (`--heal calib=...`, default wiki); perplexity is measured on 8192 tokens of each text's held-out second half
 in 1024-token windows, at step 0 and every --ppl-every steps (the time it takes is not counted as healing time),
 and the final figures are those of the best checkpoint (lowest validation KL), which is what `svdpress heal` saves.
@@ -94,6 +94,8 @@ def run_one(a, path: str, mode: str, heal_opts: dict, texts: list[str], device: 
                                   eval=EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit,
                                                   tasks=tuple(csv(a.tasks)), task_limit=a.task_limit))
     cfg.device = device
+    if cfg.teacher_cache is None:  # every run of one sweep distils the same teacher on the same windows
+        cfg.teacher_cache = str(Path(a.work) / "teacher")
     every = max(cfg.eval_every, a.ppl_every // cfg.eval_every * cfg.eval_every)
     from transformers import AutoTokenizer
 

@@ -131,6 +131,43 @@ def test_heal_is_deterministic_for_a_seed(compressed_dir, dense_dir, text_file, 
     assert la == lb and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_teacher_cache_is_reused_exactly_and_rebuilt_when_corrupt(compressed_dir, text_file, tmp_path,
+                                                                    monkeypatch):
+    """A second heal with the same teacher_cache reads the teacher's top-k instead of running the teacher, and
+    trains to the very same weights; a corrupt entry is rebuilt (with a warning), and other windows get their own
+    entry."""
+    import svdpress.allocate.fermigrad as fermigrad
+
+    cache = tmp_path / "teacher"
+    first, r1 = svdpress.heal(compressed_dir, small(text_file, steps=6, teacher_cache=str(cache)))
+    assert r1["heal"]["teacher_cache"]["read_from"] is None
+    (entry,) = [p for p in cache.iterdir() if p.name.startswith("teacher-")]
+    real = fermigrad.teacher_topk
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fermigrad, "teacher_topk", counted)
+    second, r2 = svdpress.heal(compressed_dir, small(text_file, steps=6, teacher_cache=str(cache)))
+    assert not calls and r2["heal"]["teacher_cache"]["read_from"] == str(entry)
+    a, b = first.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [c["loss"] for c in r1["heal"]["curve"]] == [c["loss"] for c in r2["heal"]["curve"]]
+
+    victim = sorted(entry.glob("batch_*.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.warns(UserWarning, match="unusable"):
+        third, r3 = svdpress.heal(compressed_dir, small(text_file, steps=6, teacher_cache=str(cache)))
+    assert calls and r3["heal"]["teacher_cache"]["read_from"] is None
+    assert all(torch.equal(a[k], third.state_dict()[k]) for k in a)
+
+    calls.clear()
+    svdpress.heal(compressed_dir, small(text_file, steps=6, top_k=8, teacher_cache=str(cache)))
+    assert calls and len([p for p in cache.iterdir() if p.name.startswith("teacher-")]) == 2
+
+
 @pytest.mark.parametrize("opts, needle", [
     (["foo=1"], "unknown heal option(s): foo"),
     (["mode=nope"], "heal mode 'nope' is unknown"),
@@ -139,6 +176,7 @@ def test_heal_is_deterministic_for_a_seed(compressed_dir, dense_dir, text_file, 
     (["lr=abc"], "heal option lr='abc' is not a valid float"),
     (["calib=/nonexistent.txt"], "unknown text"),
     (["lr=1e30"], "diverged"),
+    (["teacher_cache=" + __file__], "is a file, not a folder"),
 ])
 def test_bad_heal_options_are_one_clear_error_and_leave_nothing(opts, needle, compressed_dir, text_file, tmp_path,
                                                                 capsys):

@@ -188,6 +188,7 @@ class HealConfig:
     seed: int = 0
     device: str = "auto"
     teacher: Optional[str] = None  # the dense model (default: the compressed directory's model source)
+    teacher_cache: Optional[str] = None  # folder keeping the teacher's top-k across runs (stats_cache's entries)
     # not options: what to do with the result
     out: Optional[str] = None
     overwrite: bool = False
@@ -248,6 +249,9 @@ class HealConfig:
         if not 0 < self.val_fraction < 1 or self.lora_dropout >= 1:
             raise SvdpressError("heal needs 0 < val_fraction < 1 and lora_dropout < 1")
         resolve_device(self.device)
+        if self.teacher_cache is not None and Path(self.teacher_cache).exists() \
+                and not Path(self.teacher_cache).is_dir():
+            raise SvdpressError(f"heal option teacher_cache={self.teacher_cache!r} is a file, not a folder")
         if not self.texts():
             raise SvdpressError("heal option calib names no text")
         for name in self.texts():

@@ -118,6 +118,7 @@ class TeacherCache:
         self.bytes = tokens * k * (8 + 4)
         self.store = TensorStore(self.bytes > MEMORY_CACHE_BYTES, parent)
         self.batches = batches
+        self.hit: Optional[str] = None  # the persistent entry it was read from (cfg.teacher_cache), if any
 
     def __setitem__(self, i: int, value: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.store[str(i)] = {"idx": value[0].cpu().contiguous(), "logp": value[1].cpu().contiguous()}
@@ -137,20 +138,50 @@ class TeacherCache:
 @torch.no_grad()
 def cache_teacher(teacher: nn.Module, batches: list[torch.Tensor], cfg: HealConfig, device: str,
                   tensors=None) -> TeacherCache:
-    """One pass of the dense model over every batch (through its own runner, streamed if it does not fit)."""
+    """One pass of the dense model over every batch (through its own runner, streamed if it does not fit).
+
+    With `cfg.teacher_cache`, the top-k are also kept on disk as a stats-cache entry (stats_cache.Entry: keyed by
+    the teacher's weights, the windows' token ids, top_k, the batch size and the device type, a checksum per
+    file, written atomically), and a later heal of any model compressed from this teacher, on the same data,
+    reads them instead of running the teacher again (`cache.hit`)."""
     from .allocate.fermigrad import teacher_topk
     from .model import Placement, Runner
 
     cache = TeacherCache(len(batches), sum(b.numel() for b in batches), cfg.top_k, cfg.cache_dir)
+    writer = None
     try:
         with Runner(teacher, Placement(device=device, offload="auto"), tensors) as runner:
+            entry = teacher_entry(runner, batches, cfg) if cfg.teacher_cache else None
+            files = entry.valid_files() if entry is not None else None
+            if files is not None and len(files) == len(batches):
+                for i, f in enumerate(files):
+                    t = torch.load(f, map_location="cpu", weights_only=True)
+                    cache[i] = (t["idx"], t["logp"])
+                cache.hit = str(entry.path)
+                return cache
+            writer = entry.writer() if entry is not None else None
             for i, b in enumerate(tqdm(batches, desc="teacher", unit="batch", disable=not cfg.progress)):
                 (idx, logp), = teacher_topk(runner, runner.embed([b]), cfg.top_k)
                 cache[i] = (idx, logp)
+                if writer is not None:
+                    writer.add(f"batch_{i:05d}.pt", {"idx": idx.cpu().contiguous(), "logp": logp.cpu().contiguous()})
+            if writer is not None:
+                writer.commit()
     except BaseException:
         cache.close()
         raise
+    finally:
+        if writer is not None:
+            writer.abort()  # no-op after commit (the folder was renamed)
     return cache
+
+
+def teacher_entry(runner: "Runner", batches: list[torch.Tensor], cfg: HealConfig):
+    """The teacher cache's entry for these windows (what the top-k depend on is its key)."""
+    from .stats_cache import StatsCache
+
+    return StatsCache(cfg.teacher_cache, runner, torch.cat(batches)).entry(
+        "teacher", top_k=cfg.top_k, batch_size=cfg.batch_size, device=runner.device.type)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -512,7 +543,8 @@ def heal(model_or_dir: Any, config: Optional[HealConfig] = None, tokenizer=None,
         "settings": cfg.settings(),
         "teacher": teacher_spec,
         "data": data.describe(),
-        "teacher_cache": {"top_k": cfg.top_k, "mb": round(cache.bytes / 2**20, 1), "on_disk": cache.on_disk},
+        "teacher_cache": {"top_k": cfg.top_k, "mb": round(cache.bytes / 2**20, 1), "on_disk": cache.on_disk,
+                          "read_from": cache.hit},
         "trainable_params": n_trainable,
         "lora_layers_merged": merged,
         "params": {"before": params_before, "after": model_params(model)},
