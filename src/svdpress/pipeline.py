@@ -379,6 +379,7 @@ def compress(model_or_id: Any = None, config: CompressConfig | None = None, toke
             with stages("data"):
                 samples, calib_part = calibration_samples(tokenizer, cfg.calib, cfg.calib_samples,
                                                           cfg.calib_seqlen, cfg.seed)
+            runner.check_waiting(-(-samples.numel() // dist.world().size))  # before any block runs (a rank's share)
             torch.manual_seed(cfg.seed)
             grads = TensorStore(on_disk or _large_gradients(runner, cfg.factorize), cfg.offload_dir)
             stack.callback(grads.close)

@@ -367,6 +367,7 @@ class Runner:
         meanwhile by a recorder that keeps its arguments and passes its input through (no weights are needed);
         the last one stops the forward. The kwargs are a BlockKwargs: block 0's, and what differs per block."""
         emb = self.model.get_submodule(self.arch.embed_path)
+        self.check_waiting(sum(b.numel() for b in batches))
         if _on_meta(emb.weight):  # one chunked pass over the vocabulary for every batch (kept on the CPU)
             flat = self._lookup(emb, torch.cat([b.reshape(-1) for b in batches]))
             hidden = list(flat.split([b.numel() for b in batches]))
@@ -408,6 +409,30 @@ class Runner:
             for blk in self.blocks:
                 blk.__dict__.pop("forward", None)
         return states
+
+    def check_waiting(self, tokens: int) -> None:
+        """Refuse, before any block runs, a pass whose activations cannot wait between blocks: every batch's
+        hidden states (tokens × d values) wait on the device when the model is resident there, else in RAM. They
+        may take half of what that memory has left (the other half: a block's output being made, its statistics),
+        so a calibration set too large ends in one message instead of the kernel's out-of-memory kill."""
+        item = torch.finfo(self.dtype).bits // 8
+        width = self.model.get_submodule(self.arch.embed_path).weight.shape[-1]
+        d = max(width, int(getattr(self.model.config, "hidden_size", 0) or 0))
+        need = tokens * d * item
+        resident = self.model_bytes() if self.offload == "none" else 0  # weights sharing that memory
+        if self.offload == "none":
+            where = "cpu" if self.device.type == "cpu" else str(self.device)
+            room = self.budget()
+            if self.device.type == "cuda" or "cpu" in self.placement.max_memory:
+                room -= resident  # (free RAM, the default CPU budget, already excludes the loaded model)
+        else:
+            where, room = "cpu", self.placement.max_memory.get("cpu", int(available_cpu() * 0.8))
+        if need > room // 2:
+            raise SvdpressError(
+                f"the activations of {tokens:,} tokens ({tokens:,} × {d} × {item} B = {format_size(need)}) wait "
+                f"between blocks in {where} memory, which has {format_size(max(room, 0))} for them (half is the "
+                f"most they may take): use fewer or shorter samples (--calib-samples, --calib-seqlen), or more "
+                f"memory (--max-memory {where}=..., at least {format_size(2 * need + resident)})")
 
     def _lookup(self, emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `ids` read from disk one vocabulary chunk at a time (on the CPU)."""
