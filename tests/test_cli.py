@@ -27,6 +27,21 @@ def test_bad_input_is_one_clear_error(argv, needle, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_unreachable_hub_is_refused_at_once(monkeypatch, tmp_path, capsys):
+    """A hub id that is not cached, with a hub host that does not resolve: one message, no minute of retries."""
+    import socket
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert main(["compress", "--model", "nosuch-org/nosuch-model", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and "cannot be reached" in err and "Retry" not in err
+
+
 def test_empty_calibration_text(tmp_path, tiny_model_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n\n ")

@@ -61,7 +61,33 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, str(p), compressed=_factored_config(p))
     if _looks_like_path(spec) or p.exists():
         raise SvdpressError(f"model path {spec} does not exist")
+    _check_hub(spec)
     return ModelSource(spec, spec)  # a hub id
+
+
+def _check_hub(repo_id: str) -> None:
+    """A hub id that is not in the local cache needs the hub: when its host does not even resolve (no network, and
+    no proxy that would resolve it), say so at once instead of letting huggingface_hub retry for a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                                                     "all_proxy")):
+        return
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: transformers falls back to it
+    except ValueError:  # not a valid repo id: let transformers word it
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        raise SvdpressError(f"cannot load model {repo_id!r}: it is not a local path, not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}), and {host} cannot be reached from here (no network?); "
+                            "pass a local directory or .gguf file, or download it first") from None
 
 
 def _factored_config(path: Path) -> bool:
