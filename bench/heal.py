@@ -8,12 +8,13 @@ the closing note gives the steps each start needs to reach a given perplexity, a
     python bench/heal.py                                                   # svd-llm+uniform @0.8, factors (CPU)
     python bench/heal.py --starts uniform,fermigrad,lems --ratios 0.8,0.6 --factorize svd-llm,kfac \\
         --modes factors,lora --heal steps=1000 --heal batch_size=16 --ppl-every 100 --device auto    # GPU
-    python bench/heal.py --device cpu --heal steps=60 --heal samples=192 --heal val_samples=16 --ppl-every 20 \\
+    python bench/heal.py --device cpu --heal steps=45 --heal calib=wiki,c4 --heal samples=192 --heal val_samples=16 \\
+        --heal eval_every=15 --heal time_limit=420 --ppl-every 15 \\
         --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa --task-limit 200   # CPU target
 
 Protocol: compression as in the other benches (32×512 calibration tokens of wiki's first half, seed 0; the
 statistics, and the teacher's top-k log-probs, are cached in --work so every start shares them). Healing trains on the calibration halves only
-(`--heal calib=...`, default wiki); perplexity is measured on 8192 tokens of each text's held-out second half
+(`--heal calib=...`, default wiki,c4); perplexity is measured on 8192 tokens of each text's held-out second half
 in 1024-token windows, at step 0 and every --ppl-every steps (the time it takes is not counted as healing time),
 and the final figures are those of the best checkpoint (lowest validation KL), which is what `svdpress heal` saves.
 Writes a table, bench/results/heal.json (rewritten after every run) and heal.png (the curves). Resumable: a rerun
