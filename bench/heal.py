@@ -127,8 +127,11 @@ def run_one(a, path: str, mode: str, heal_opts: dict, texts: list[str], device: 
 
 
 def steps_to_reach(curve: list[dict], target: float, text: str = "wiki") -> Optional[float]:
-    """First step at which the perplexity reaches `target`, interpolated (in log ppl) between checkpoints."""
+    """First step at which the perplexity reaches `target`, interpolated (in log ppl) between checkpoints. A point
+    within 0.1% counts as reaching it: the target is often a run's final figure, measured on the saved model (LoRA
+    merged into the factors), which differs from the in-training curve's last point by rounding."""
     pts = [(p["step"], p["ppl"][text]) for p in curve if "ppl" in p and text in p["ppl"]]
+    target *= 1 + 1e-3
     for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
         if p0 <= target:
             return float(s0)
@@ -289,6 +292,9 @@ def main(argv=None) -> int:
                     doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
                     write_json(out, doc)
                     print_table(doc)
+    if doc["results"]:
+        doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
+        write_json(out, doc)
     plot(doc["results"], doc.get("dense_ppl"), out.with_suffix(".png"), texts[0])
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
