@@ -127,11 +127,8 @@ def run_one(a, path: str, mode: str, heal_opts: dict, texts: list[str], device: 
 
 
 def steps_to_reach(curve: list[dict], target: float, text: str = "wiki") -> Optional[float]:
-    """First step at which the perplexity reaches `target`, interpolated (in log ppl) between checkpoints. A point
-    within 0.1% counts as reaching it: the target is often a run's final figure, measured on the saved model (LoRA
-    merged into the factors), which differs from the in-training curve's last point by rounding."""
+    """First step at which the perplexity reaches `target`, interpolated (in log ppl) between checkpoints."""
     pts = [(p["step"], p["ppl"][text]) for p in curve if "ppl" in p and text in p["ppl"]]
-    target *= 1 + 1e-3
     for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
         if p0 <= target:
             return float(s0)
@@ -155,7 +152,9 @@ def answer(results: list[dict], target: Optional[float], text: str = "wiki") -> 
     for r in results:
         groups.setdefault((r["factorize"], r["ratio"], r["mode"]), []).append(r)
     for (fac, ratio, mode), rs in groups.items():
-        goal = target or max(r["ppl_after"][text] for r in rs)
+        # the worst final figure read off the curves themselves (a LoRA run's ppl_after is measured after merging,
+        # which differs from its curve by rounding, so a run would never reach its own figure)
+        goal = target or max(ppl_at(r["val_curve"], r["best_step"], text) for r in rs)
         common = min(r["steps_run"] for r in rs)
         parts = []
         for r in rs:
@@ -273,6 +272,11 @@ def main(argv=None) -> int:
         dense = svdpress.evaluate(a.model, EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit), device=device)
         doc["dense_ppl"] = {t: v["ppl"] for t, v in dense["ppl"].items()}
     done = {run_key(r) for r in doc["results"]}
+
+    def save() -> None:  # after every run, and once at the end (a resumed sweep with nothing to run)
+        doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
+        write_json(out, doc)
+
     for fac in csv(a.factorize):
         for ratio in (float(r) for r in csv(a.ratios)):
             for start in csv(a.starts):
@@ -289,12 +293,10 @@ def main(argv=None) -> int:
                         r["tasks_before"] = before_tasks
                         r["avg_acc_before"] = average_acc(before_tasks)
                     doc["results"].append(r)
-                    doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
-                    write_json(out, doc)
+                    save()
                     print_table(doc)
     if doc["results"]:
-        doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
-        write_json(out, doc)
+        save()
     plot(doc["results"], doc.get("dense_ppl"), out.with_suffix(".png"), texts[0])
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
