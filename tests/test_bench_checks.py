@@ -1,0 +1,52 @@
+"""The verdicts the benches print must not claim more than the runs behind them.
+
+A partial calibration study (some sources not run yet) or a partial method matrix must say so: second of two
+sources is always "≤ 2nd", and the best of three cells is not the best of the matrix."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(allocate, calib, **ppl):
+    return {"allocate": allocate, "calib": calib, "ppl": ppl}
+
+
+def test_calibration_verdict_waits_for_every_source():
+    cd = _bench("calibration_data")
+    doc = {"allocators": ["fermigrad"], "sources": ["wiki", "code", "c4"], "texts": ["wiki", "code", "c4"],
+           "runs": {"a": _run("fermigrad", "wiki", wiki=10.0, code=9.0, c4=30.0),
+                    "b": _run("fermigrad", "code", wiki=50.0, code=3.0, c4=60.0)}}
+    h = {x["text"]: x for x in cd.holds(doc)}
+    assert set(h) == {"wiki", "code"}  # c4 not run: no row
+    assert cd.verdict(h["wiki"]) == "partial (2 sources run)" and cd.verdict(h["code"]).startswith("partial")
+    doc["runs"]["c"] = _run("fermigrad", "c4", wiki=11.0, code=2.0, c4=20.0)
+    h = {x["text"]: x for x in cd.holds(doc)}
+    assert [cd.verdict(h[t]) for t in ("wiki", "code", "c4")] == ["holds", "holds", "holds"]
+    # a third place among the sources run so far can only get worse: FAILS at once
+    doc["sources"].append("technical")
+    doc["runs"]["c"] = _run("fermigrad", "c4", wiki=11.0, code=2.0, c4=20.0)
+    doc["runs"]["d"] = _run("fermigrad", "x", wiki=1.0, code=1.0, c4=1.0)
+    doc["runs"]["e"] = _run("fermigrad", "y", wiki=2.0, code=2.5, c4=2.0)
+    h = {x["text"]: x for x in cd.holds(doc)}
+    assert h["wiki"]["rank"] == 3 and cd.verdict(h["wiki"]) == "FAILS"
+
+
+def test_matrix_check_says_when_cells_are_missing():
+    mx = _bench("matrix")
+    cell = lambda w: {"ppl": {"wiki": w, "c4": 2 * w}}  # noqa: E731
+    doc = {"cells": {mx.key("kfac", "lems", 0.8): cell(37.0), mx.key("svd-llm", "lems", 0.8): cell(38.6)}}
+    out = mx.checks(doc, ["kfac", "svd-llm"], ["uniform", "lems"], [0.8])
+    assert "best of the 2 cells measured at 0.8 (of 4)" in out and "met so far" in out
+    doc["cells"].update({mx.key("kfac", "uniform", 0.8): cell(73.4), mx.key("svd-llm", "uniform", 0.8): cell(88.0)})
+    assert "-> MET" in mx.checks(doc, ["kfac", "svd-llm"], ["uniform", "lems"], [0.8])
+    doc["cells"][mx.key("svd-llm", "uniform", 0.8)] = cell(30.0)  # kfac+lems 23% behind the best
+    assert "-> MISSED" in mx.checks(doc, ["kfac", "svd-llm"], ["uniform", "lems"], [0.8])
