@@ -50,3 +50,11 @@ def test_matrix_check_says_when_cells_are_missing():
     assert "-> MET" in mx.checks(doc, ["kfac", "svd-llm"], ["uniform", "lems"], [0.8])
     doc["cells"][mx.key("svd-llm", "uniform", 0.8)] = cell(30.0)  # kfac+lems 23% behind the best
     assert "-> MISSED" in mx.checks(doc, ["kfac", "svd-llm"], ["uniform", "lems"], [0.8])
+
+
+def test_matrix_dobi_place():
+    mx = _bench("matrix")
+    assert mx._place(87.9901, 87.99, 73.38) == "= svd-llm"
+    assert mx._place(80.0, 87.99, 73.38) == "between"
+    assert mx._place(62.0, 87.99, 73.38) == "better than both"
+    assert mx._place(95.0, 87.99, 73.38) == "worse than both"
