@@ -151,7 +151,8 @@ def report(doc: dict, facs: list[str], allocs: list[str], ratios: list[float]) -
         out.append(f"\nwiki perplexity at ratio {ratio} (rows: factorize, columns: allocate)\n"
                    + table(grid, ["factorize"] + allocs))
     # the checks read every stored cell (a run of a few cells is still judged against all the others)
-    out.append(checks(doc, list(FACTORIZERS_ALL), list(ALLOCATORS_ALL), sorted(set(ratios) | _ratios(doc), reverse=True)))
+    every_ratio = sorted(set(ratios) | _ratios(doc), reverse=True)
+    out.append(checks(doc, list(FACTORIZERS_ALL), list(ALLOCATORS_ALL), every_ratio))
     return "\n".join(out)
 
 
@@ -179,9 +180,9 @@ def _wiki(doc: dict, f: str, m: str, ratio: float) -> float:
 
 
 def _place(v: float, svd_llm: float, kfac: float) -> str:
-    """Where a dobi-svd cell lies against svd-llm and kfac. With uniform ranks dobi-svd's cut is svd-llm's
-    (W_r = Q_r Q_rᵀ W with Q the eigenvectors of W·X·Xᵀ·Wᵀ = U_r U_rᵀ W with U from W·S, S·Sᵀ = X·Xᵀ), so the two
-    agree to rounding; a relative gap below 1e-3 is reported as that equality."""
+    """Where a dobi-svd cell lies against svd-llm and kfac. With uniform ranks dobi-svd's cut is svd-llm's:
+    W_r = Q_r Q_rᵀ W, Q the eigenvectors of W·X·Xᵀ·Wᵀ, equals U_r U_rᵀ W, U the left singular vectors of W·S with
+    S·Sᵀ = X·Xᵀ. The two agree to rounding, so a relative gap below 1e-3 is reported as that equality."""
     lo, hi = min(svd_llm, kfac), max(svd_llm, kfac)
     if abs(v / svd_llm - 1) < 1e-3:
         return "= svd-llm"
