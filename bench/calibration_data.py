@@ -98,9 +98,9 @@ def holds(doc: dict) -> list[dict]:
 def verdict(x: dict) -> str:
     """'holds' / 'FAILS' once every source has a run for this allocator; before that a rank among the sources
     run so far proves nothing (second of two is always ≤ 2nd), and a missing source could still beat it."""
-    if not x.get("complete", True):
-        return "FAILS" if x["rank"] > 2 else f"partial ({x['of']} sources run)"
-    return "holds" if x["rank"] <= 2 else "FAILS"
+    if x["rank"] > 2:
+        return "FAILS"
+    return "holds" if x["complete"] else f"partial ({x['of']} sources run)"
 
 
 def render(doc: dict) -> str:

@@ -33,7 +33,6 @@ def test_calibration_verdict_waits_for_every_source():
     assert [cd.verdict(h[t]) for t in ("wiki", "code", "c4")] == ["holds", "holds", "holds"]
     # a third place among the sources run so far can only get worse: FAILS at once
     doc["sources"].append("technical")
-    doc["runs"]["c"] = _run("fermigrad", "c4", wiki=11.0, code=2.0, c4=20.0)
     doc["runs"]["d"] = _run("fermigrad", "x", wiki=1.0, code=1.0, c4=1.0)
     doc["runs"]["e"] = _run("fermigrad", "y", wiki=2.0, code=2.5, c4=2.0)
     h = {x["text"]: x for x in cd.holds(doc)}
