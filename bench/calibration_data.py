@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, resolve_device  # noqa: E402
+from svdpress.data.text import check_sources  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.zeroshot import average_acc  # noqa: E402
 from svdpress.export import write_json  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
@@ -158,6 +160,11 @@ def main(argv=None) -> int:
     sources, texts = split_sources(a.sources), [t for t in a.texts.split(",") if t]
     allocators = [x for x in a.allocators.split(",") if x]
     tasks = tuple(t for t in a.tasks.split(",") if t)
+    try:  # every source and text named before the model is loaded
+        for spec in sources + texts:
+            check_sources(spec)
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     out = Path(a.out)
     doc = json.loads(out.read_text()) if out.is_file() and not a.fresh else {}
     doc.update({"model": a.model, "factorize": a.factorize, "ratio": a.ratio, "device": device,

@@ -254,7 +254,10 @@ def main(argv=None) -> int:
     facs, allocs = [f for f in facs if f in FACTORIZERS], [m for m in allocs if m in ALLOCATORS]
     if skipped:
         print(f"skipping unregistered methods: {', '.join(skipped)}")
-    ratios = [float(r) for r in a.ratios.split(",")]
+    try:
+        ratios = [float(r) for r in a.ratios.split(",")]
+    except ValueError:
+        raise SystemExit(f"--ratios: comma-separated numbers in (0, 1], got {a.ratios!r}") from None
     try:
         opts = parse_method_opts(a.opt)
         for m in allocs:  # every method's options (and optional packages: optuna) before the model is loaded
