@@ -11,6 +11,11 @@ factorizer (a layer's sensitivity is measured once per spectra, whatever the met
     python bench/matrix.py --factorizers svd-llm,kfac --allocators uniform,lems --ratios 0.8
     python bench/matrix.py --opt fermigrad.steps=100                   # a method's option, as in allocation.py
 
+Shards run side by side (one process per factorizer, or per machine) write their own --out and are merged:
+
+    python bench/matrix.py --factorizers kfac --out a.json &  python bench/matrix.py --factorizers svd --out b.json
+    python bench/matrix.py --merge a.json b.json                       # into bench/results/matrix.json
+
 Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun with the same protocol skips
 the cells it already holds (a cell that failed is recorded with its error and retried); the sensitivity
 measurements of each factorizer's spectra are kept in bench/results/matrix-probes/, so a later run for other
@@ -70,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--markdown", action="store_true", help="only print the stored cells as the README's tables")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="only add the cells of these matrices (shards run side by side) to --out")
     return p.parse_args(argv)
 
 
@@ -117,6 +124,34 @@ def save_probes(path: Path, proto: dict, cache: dict) -> None:
         tmp = path.with_suffix(".tmp")
         torch.save({"protocol": proto, "entries": entries}, tmp)
         tmp.replace(path)
+
+
+def merge(doc: dict, paths: list[Path]) -> list[str]:
+    """Add the cells of other matrices of the same protocol to doc: a measured cell is kept over an error, and a
+    cell measured in two shards must agree (the same protocol and seed give the same cell; a disagreement means
+    the shards did not run the same code, and is refused). Returns one line per file."""
+    said = []
+    for path in paths:
+        if not path.is_file():
+            raise SvdpressError(f"--merge: no file {path}")
+        other = json.loads(path.read_text())
+        if other.get("protocol") != doc["protocol"]:
+            raise SvdpressError(f"--merge: {path} has another protocol: {other.get('protocol')}")
+        added = 0
+        for k, c in other.get("cells", {}).items():
+            mine = doc["cells"].get(k)
+            if mine is not None and "ppl" in mine and "ppl" in c:
+                if any(abs(mine["ppl"][t] / c["ppl"][t] - 1) > 1e-4 for t in TEXTS):
+                    raise SvdpressError(f"--merge: cell {k} differs: {mine['ppl']} here, {c['ppl']} in {path}")
+                continue
+            if mine is None or ("error" in mine and "ppl" in c):
+                doc["cells"][k] = c
+                added += 1
+        doc["factorize_s"].update(other.get("factorize_s", {}))
+        if "dense" in other:
+            doc.setdefault("dense", other["dense"])
+        said.append(f"{path}: {added} cells added")
+    return said
 
 
 def key(f: str, m: str, ratio: float) -> str:
@@ -269,6 +304,14 @@ def main(argv=None) -> int:
     doc = load_doc(out, protocol(a))
     if a.markdown:
         print(markdown(doc, facs, allocs, ratios))
+        return 0
+    if a.merge:
+        try:
+            print("\n".join(merge(doc, [Path(m) for m in a.merge])))
+        except SvdpressError as e:
+            raise SystemExit(str(e)) from None
+        save_doc(out, doc)
+        print(f"wrote {out}: {sum('ppl' in c for c in doc['cells'].values())} cells measured")
         return 0
     doc["options"] = opts
     todo = {f: [(m, r) for m in allocs for r in ratios

@@ -57,3 +57,36 @@ def test_matrix_dobi_place():
     assert mx._place(80.0, 87.99, 73.38) == "between"
     assert mx._place(62.0, 87.99, 73.38) == "better than both"
     assert mx._place(95.0, 87.99, 73.38) == "worse than both"
+
+
+def test_matrix_merge_shards(tmp_path):
+    """Shards of one protocol merge cell by cell; a measured cell beats an error; a disagreement or another
+    protocol is refused."""
+    import json
+
+    import pytest
+
+    from svdpress.errors import SvdpressError
+
+    mx = _bench("matrix")
+    proto = {"model": "m"}
+    cell = lambda w: {"ppl": {"wiki": w, "c4": 2 * w}}  # noqa: E731
+    a = {"protocol": proto, "cells": {mx.key("kfac", "lems", 0.8): cell(37.0),
+                                      mx.key("svd", "lems", 0.8): {"error": "x"}}, "factorize_s": {"kfac": 1.0}}
+    b = {"protocol": proto, "cells": {mx.key("svd", "lems", 0.8): cell(90.0), mx.key("kfac", "lems", 0.8): cell(37.0)},
+         "factorize_s": {"svd": 2.0}, "dense": {"wiki": 22.0, "c4": 30.0}}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    said = mx.merge(a, [tmp_path / "b.json"])
+    assert said == [f"{tmp_path / 'b.json'}: 1 cells added"]
+    assert a["cells"][mx.key("svd", "lems", 0.8)] == cell(90.0) and a["factorize_s"] == {"kfac": 1.0, "svd": 2.0}
+    assert a["dense"]["wiki"] == 22.0
+    b["cells"][mx.key("kfac", "lems", 0.8)] = cell(38.0)
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SvdpressError, match="differs"):
+        mx.merge(a, [tmp_path / "b.json"])
+    b["protocol"] = {"model": "other"}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SvdpressError, match="another protocol"):
+        mx.merge(a, [tmp_path / "b.json"])
+    with pytest.raises(SvdpressError, match="no file"):
+        mx.merge(a, [tmp_path / "c.json"])
