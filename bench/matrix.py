@@ -53,7 +53,9 @@ from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # n
 from svdpress.table import table  # noqa: E402
 
 FACTORIZERS_ALL = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "kfac", "gfwsvd", "dobi-svd")
-ALLOCATORS_ALL = ("uniform", "atp", "mrcs", "asvd-threshold", "lems", "fermigrad", "asvd-plus", "mrcs-plus", "dobi")
+# every registered allocator but `load` (ranks read from a file): svd-llm-v2's loss-based split needs no forwards
+ALLOCATORS_ALL = ("uniform", "svd-llm-v2", "atp", "mrcs", "asvd-threshold", "lems", "fermigrad", "asvd-plus",
+                  "mrcs-plus", "dobi")
 TEXTS = ("wiki", "c4")
 
 

@@ -90,3 +90,14 @@ def test_matrix_merge_shards(tmp_path):
         mx.merge(a, [tmp_path / "b.json"])
     with pytest.raises(SvdpressError, match="no file"):
         mx.merge(a, [tmp_path / "c.json"])
+
+
+def test_matrix_covers_every_registered_method():
+    """The matrix's rows and columns are the registries (a newly registered method is not silently left out);
+    `load` only reads ranks from a file."""
+    from svdpress.allocate import ALLOCATORS
+    from svdpress.factorize import FACTORIZERS
+
+    mx = _bench("matrix")
+    assert set(mx.FACTORIZERS_ALL) == set(FACTORIZERS.names())
+    assert set(mx.ALLOCATORS_ALL) == set(ALLOCATORS.names()) - {"load"}
