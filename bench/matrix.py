@@ -136,7 +136,10 @@ def merge(doc: dict, paths: list[Path]) -> list[str]:
     for path in paths:
         if not path.is_file():
             raise SvdpressError(f"--merge: no file {path}")
-        other = json.loads(path.read_text())
+        try:
+            other = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SvdpressError(f"--merge: {path} is not a matrix JSON ({e})") from None
         if other.get("protocol") != doc["protocol"]:
             raise SvdpressError(f"--merge: {path} has another protocol: {other.get('protocol')}")
         added = 0

@@ -88,6 +88,9 @@ def test_matrix_merge_shards(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SvdpressError, match="another protocol"):
         mx.merge(a, [tmp_path / "b.json"])
+    (tmp_path / "d.json").write_text("not json")
+    with pytest.raises(SvdpressError, match="not a matrix JSON"):
+        mx.merge(a, [tmp_path / "d.json"])
     with pytest.raises(SvdpressError, match="no file"):
         mx.merge(a, [tmp_path / "c.json"])
 
