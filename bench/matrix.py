@@ -140,6 +140,8 @@ def merge(doc: dict, paths: list[Path]) -> list[str]:
             other = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SvdpressError(f"--merge: {path} is not a matrix JSON ({e})") from None
+        if not isinstance(other, dict) or not isinstance(other.get("cells", {}), dict):
+            raise SvdpressError(f"--merge: {path} is not a matrix JSON (no protocol and cells)")
         if other.get("protocol") != doc["protocol"]:
             raise SvdpressError(f"--merge: {path} has another protocol: {other.get('protocol')}")
         added = 0
