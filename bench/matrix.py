@@ -9,7 +9,7 @@ factorizer (a layer's sensitivity is measured once per spectra, whatever the met
 
     python bench/matrix.py                                             # every cell (hours on 2 CPU cores)
     python bench/matrix.py --factorizers svd-llm,kfac --allocators uniform,lems --ratios 0.8
-    python bench/matrix.py --opt fermigrad.steps=100                   # a method's option, as in allocation.py
+    python bench/matrix.py --opt fermigrad.steps=100 --out o.json      # a method's option: another protocol
 
 Shards run side by side (one process per factorizer, or per machine) write their own --out and are merged:
 
@@ -17,9 +17,10 @@ Shards run side by side (one process per factorizer, or per machine) write their
     python bench/matrix.py --merge a.json b.json                       # into bench/results/matrix.json
 
 Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun with the same protocol skips
-the cells it already holds (a cell that failed is recorded with its error and retried); the sensitivity
-measurements of each factorizer's spectra are kept in bench/results/matrix-probes/, so a later run for other
-ratios reuses them. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
+the cells it already holds (a cell that failed is recorded with its error and retried); a file of another
+protocol (model, calibration, evaluation, rank multiple, method options) is refused, never replaced; the
+sensitivity measurements of each factorizer's spectra are kept in bench/results/matrix-probes/, so a later run
+for other ratios reuses them. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
 allocator, wiki / c4), a pivot of wiki perplexity per ratio (factorizer × allocator), the cells that answer issue
 #16's checks, and writes a heat-map PNG.
 """
@@ -82,20 +83,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def protocol(a) -> dict:
-    """What a stored cell must share with this run to be reused."""
-    return {"model": a.model, "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
-            "eval": f"second half of {', '.join(TEXTS)}: {a.limit} tokens each, seqlen {a.seqlen}",
-            "rank_multiple": a.rank_multiple}
+def protocol(a, opts: dict) -> dict:
+    """What a stored cell must share with this run to be reused or merged. Method options (--opt) are part of it
+    when given: a cell made with fermigrad.steps=100 is not a cell of the default fermigrad (absent when none
+    are given, so matrices stored before options joined the protocol keep theirs)."""
+    proto = {"model": a.model, "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
+             "eval": f"second half of {', '.join(TEXTS)}: {a.limit} tokens each, seqlen {a.seqlen}",
+             "rank_multiple": a.rank_multiple}
+    if opts:
+        proto["options"] = json.loads(json.dumps(opts, sort_keys=True))  # as it reads back from the JSON
+    return proto
 
 
 def load_doc(path: Path, proto: dict) -> dict:
-    if path.is_file():
+    """The matrix stored at path, or a new one. A file holding another protocol's matrix is refused, never
+    overwritten: its cells may be hours of measurements."""
+    if not path.is_file():
+        return {"protocol": proto, "cells": {}, "factorize_s": {}}
+    try:
         doc = json.loads(path.read_text())
-        if doc.get("protocol") == proto:
-            return doc
-        print(f"{path}: another protocol; starting a new matrix")
-    return {"protocol": proto, "cells": {}, "factorize_s": {}}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SvdpressError(f"{path} is not a matrix JSON ({e}); pass another --out") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("protocol"), dict) or not isinstance(doc.get("cells"), dict):
+        raise SvdpressError(f"{path} is not a matrix JSON (no protocol and cells); pass another --out")
+    if doc["protocol"] != proto:
+        theirs = doc["protocol"]
+        diff = {k: (theirs.get(k), proto.get(k)) for k in sorted(set(proto) | set(theirs))
+                if theirs.get(k) != proto.get(k)}
+        raise SvdpressError(f"{path} holds a matrix of another protocol (stored, this run: {diff}); "
+                            "pass another --out, or run with its settings to resume it")
+    return doc
 
 
 def save_doc(path: Path, doc: dict) -> None:
@@ -308,7 +325,11 @@ def main(argv=None) -> int:
         raise SystemExit(str(e)) from None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = load_doc(out, protocol(a))
+    proto = protocol(a, opts)
+    try:
+        doc = load_doc(out, proto)
+    except SvdpressError as e:
+        raise SystemExit(str(e)) from None
     if a.markdown:
         print(markdown(doc, facs, allocs, ratios))
         return 0
@@ -320,7 +341,6 @@ def main(argv=None) -> int:
         save_doc(out, doc)
         print(f"wrote {out}: {sum('ppl' in c for c in doc['cells'].values())} cells measured")
         return 0
-    doc["options"] = opts
     todo = {f: [(m, r) for m in allocs for r in ratios
                 if key(f, m, r) not in doc["cells"] or "error" in doc["cells"][key(f, m, r)]] for f in facs}
     if not any(todo.values()) and "dense" in doc:
@@ -349,7 +369,7 @@ def main(argv=None) -> int:
         spectra = factorize_model(runner, samples, f, Timer(), a.batch_size, progress, a.stats_cache)
         doc["factorize_s"][f] = round(time.perf_counter() - t, 1)
         # sensitivities measured on these spectra, shared by every allocator and ratio (and kept on disk)
-        cache: dict = load_probes(probes_path(out, f), protocol(a))
+        cache: dict = load_probes(probes_path(out, f), proto)
         for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
                                         samples, 0, progress, cache)
@@ -368,7 +388,7 @@ def main(argv=None) -> int:
                     set_module(model, name, layer)
             doc["cells"][key(f, m, ratio)] = cell
             save_doc(out, doc)
-            save_probes(probes_path(out, f), protocol(a), cache)
+            save_probes(probes_path(out, f), proto, cache)
             print(f"{f}+{m} @ {ratio}: " + (f"wiki {cell['ppl']['wiki']:.2f}, c4 {cell['ppl']['c4']:.2f}"
                                             if "ppl" in cell else f"error: {cell['error']}"), flush=True)
         del spectra, cache

@@ -104,3 +104,33 @@ def test_matrix_covers_every_registered_method():
     mx = _bench("matrix")
     assert set(mx.FACTORIZERS_ALL) == set(FACTORIZERS.names())
     assert set(mx.ALLOCATORS_ALL) == set(ALLOCATORS.names()) - {"load"}
+
+
+def test_matrix_protocol_holds_options_and_a_stored_matrix_is_never_overwritten(tmp_path):
+    """Cells made with method options are another protocol (no reuse or merge with default-option cells); without
+    options the protocol is the one stored matrices were made under; a file of another protocol, or not a matrix,
+    is refused with one line instead of being replaced by a new matrix."""
+    import json
+
+    import pytest
+
+    from svdpress.errors import SvdpressError
+
+    mx = _bench("matrix")
+    a = mx.parse_args([])
+    plain = mx.protocol(a, {})
+    assert "options" not in plain and plain["rank_multiple"] == 1
+    with_opts = mx.protocol(a, {"fermigrad": {"steps": 100}})
+    assert with_opts["options"] == {"fermigrad": {"steps": 100}} and with_opts != plain
+    path = tmp_path / "m.json"
+    assert mx.load_doc(path, plain)["cells"] == {}  # no file: a new matrix
+    stored = {"protocol": plain, "cells": {mx.key("kfac", "lems", 0.8): {"ppl": {"wiki": 37.0, "c4": 62.0}}},
+              "factorize_s": {}}
+    mx.save_doc(path, stored)
+    assert mx.load_doc(path, json.loads(json.dumps(plain))) == stored
+    with pytest.raises(SvdpressError, match="another protocol.*options"):
+        mx.load_doc(path, with_opts)
+    assert json.loads(path.read_text()) == stored  # untouched
+    (tmp_path / "x.json").write_text("[1]")
+    with pytest.raises(SvdpressError, match="not a matrix JSON"):
+        mx.load_doc(tmp_path / "x.json", plain)
