@@ -15,7 +15,8 @@ calibrated on it should have the lowest or second-lowest perplexity on it among 
 Protocol: svd-llm spectra from 32×512 calibration tokens of each source's first half (seed 0); perplexity on
 --limit tokens of each text's second half in --seqlen windows. The JSON (default
 bench/results/calibration_data.json) is rewritten after every run, and a rerun skips the runs it already holds
-(`--fresh` to start over). Writes a table and one PNG (perplexity relative to the best source, per text).
+in full (every text, and every --tasks task at this --task-limit; a run lacking one is measured again); a file
+made under another setup (model, factorizer, ratio, protocol, options) is refused (`--fresh` to start over). Writes a table and one PNG (perplexity relative to the best source, per text).
 """
 
 from __future__ import annotations
@@ -79,6 +80,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def key(allocate: str, source: str) -> str:
     return f"{allocate}|{source}"
+
+
+def resume(out: Path, setup: dict) -> dict:
+    """The runs stored at out, when they were made under this setup (model, factorizer, ratio, calibration and
+    evaluation protocol, method options); another setup's file is refused, never mixed with or replaced."""
+    if not out.is_file():
+        return {}
+    try:
+        doc = json.loads(out.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SvdpressError(f"{out} is not this bench's JSON ({e}); pass another --out or --fresh") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs", {}), dict):
+        raise SvdpressError(f"{out} is not this bench's JSON (no runs); pass another --out or --fresh")
+    diff = {k: (doc.get(k), v) for k, v in setup.items() if doc.get(k) != v}
+    if doc.get("options") and "options" not in setup:
+        diff["options"] = (doc["options"], None)
+    if diff:
+        raise SvdpressError(f"{out} holds runs of another setup (stored, this run: {diff}); pass another --out, "
+                            "run with its settings to resume it, or --fresh to start over")
+    return doc
+
+
+def covers(run: dict, texts: list[str], tasks: tuple[str, ...], task_limit: int) -> bool:
+    """A stored run is reused only when it holds every text asked for and, with --tasks, every task at this
+    --task-limit; otherwise it is measured again (a resumed bench must not print a column it never measured)."""
+    if any(t not in run.get("ppl", {}) for t in texts):
+        return False
+    return not tasks or (all(t in run.get("tasks", {}) for t in tasks) and run.get("task_limit") == task_limit)
 
 
 def holds(doc: dict) -> list[dict]:
@@ -160,19 +189,24 @@ def main(argv=None) -> int:
     sources, texts = split_sources(a.sources), [t for t in a.texts.split(",") if t]
     allocators = [x for x in a.allocators.split(",") if x]
     tasks = tuple(t for t in a.tasks.split(",") if t)
-    try:  # every source and text named before the model is loaded
+    try:  # every source, text and method option checked before the model is loaded
         for spec in sources + texts:
             check_sources(spec)
+        opts = parse_method_opts(a.opt)
     except SvdpressError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(a.out)
-    doc = json.loads(out.read_text()) if out.is_file() and not a.fresh else {}
-    doc.update({"model": a.model, "factorize": a.factorize, "ratio": a.ratio, "device": device,
-                "allocators": allocators, "sources": sources, "texts": texts, "tasks": list(tasks),
-                "task_limit": a.task_limit if tasks else None,
-                "protocol": f"calibration {a.calib_samples}x{a.calib_seqlen} tokens of each source's first half "
-                            f"(seed 0); perplexity on {a.limit} tokens of each text's second half, "
-                            f"seqlen {a.seqlen}"})
+    setup = {"model": a.model, "factorize": a.factorize, "ratio": a.ratio,
+             "protocol": f"calibration {a.calib_samples}x{a.calib_seqlen} tokens of each source's first half "
+                         f"(seed 0); perplexity on {a.limit} tokens of each text's second half, seqlen {a.seqlen}"}
+    if opts:  # absent when none are given, as in the runs stored before options were recorded
+        setup["options"] = json.loads(json.dumps(opts, sort_keys=True))
+    try:
+        doc = resume(out, setup) if not a.fresh else {}
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
+    doc.update({**setup, "device": device, "allocators": allocators, "sources": sources, "texts": texts,
+                "tasks": list(tasks), "task_limit": a.task_limit if tasks else None})
     doc.setdefault("runs", {})
     eval_cfg = EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit, tasks=tasks, task_limit=a.task_limit)
     dense, tok, _ = load_model(a.model)
@@ -188,14 +222,15 @@ def main(argv=None) -> int:
     def save() -> None:
         write_json(out, doc)
 
-    if "dense" not in doc:
+    if "dense" not in doc or not covers(doc["dense"], texts, tasks, a.task_limit):
         doc["dense"] = score(dense)
+        if tasks:
+            doc["dense"]["task_limit"] = a.task_limit
         save()
-    opts = parse_method_opts(a.opt)
     for allocate in allocators:
         for source in sources:
             k = key(allocate, source)
-            if k in doc["runs"]:
+            if k in doc["runs"] and covers(doc["runs"][k], texts, tasks, a.task_limit):
                 continue
             cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio,
                                  calib=source, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
@@ -206,6 +241,8 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             rec = {"allocate": allocate, "calib": source, "compress_s": round(seconds, 1),
                    "linear_ratio": report["params"]["linear_ratio"], **score(model)}
+            if tasks:
+                rec["task_limit"] = a.task_limit
             doc["runs"][k] = rec
             print(f"{allocate} calibrated on {source}: " + ", ".join(f"{t} {v:.2f}" for t, v in rec["ppl"].items()),
                   file=sys.stderr, flush=True)

@@ -134,3 +134,33 @@ def test_matrix_protocol_holds_options_and_a_stored_matrix_is_never_overwritten(
     (tmp_path / "x.json").write_text("[1]")
     with pytest.raises(SvdpressError, match="not a matrix JSON"):
         mx.load_doc(tmp_path / "x.json", plain)
+
+
+def test_calibration_study_resumes_only_its_own_setup_and_measures_missing_columns(tmp_path):
+    """A resumed study reuses a run only when it holds every text and every asked task at this --task-limit (a
+    rerun with --tasks measures the zero-shot it lacks instead of printing an empty column); a file made under
+    another setup (ratio, protocol, options) is refused, not mixed with this run's."""
+    import json
+
+    import pytest
+
+    from svdpress.errors import SvdpressError
+
+    cd = _bench("calibration_data")
+    setup = {"model": "default", "factorize": "svd-llm", "ratio": 0.8, "protocol": "p"}
+    run = {"allocate": "uniform", "calib": "wiki", "ppl": {"wiki": 88.0, "c4": 194.0}}
+    path = tmp_path / "c.json"
+    assert cd.resume(path, setup) == {}
+    path.write_text(json.dumps({**setup, "runs": {"uniform|wiki": run}}))
+    assert cd.resume(path, setup)["runs"]["uniform|wiki"] == run
+    assert cd.covers(run, ["wiki", "c4"], (), 200)
+    assert not cd.covers(run, ["wiki", "code"], (), 200)  # a text it was never scored on
+    assert not cd.covers(run, ["wiki"], ("piqa",), 200)  # zero-shot asked, none stored
+    scored = {**run, "tasks": {"piqa": 0.6}, "task_limit": 200}
+    assert cd.covers(scored, ["wiki"], ("piqa",), 200) and not cd.covers(scored, ["wiki"], ("piqa",), 100)
+    for other in ({**setup, "ratio": 0.7}, {**setup, "options": {"fermigrad": {"steps": 100}}}):
+        with pytest.raises(SvdpressError, match="another setup"):
+            cd.resume(path, other)
+    path.write_text("[]")
+    with pytest.raises(SvdpressError, match="not this bench's JSON"):
+        cd.resume(path, setup)
