@@ -164,3 +164,36 @@ def test_calibration_study_resumes_only_its_own_setup_and_measures_missing_colum
     path.write_text("[]")
     with pytest.raises(SvdpressError, match="not this bench's JSON"):
         cd.resume(path, setup)
+
+
+def test_lems_surrogate_bench_compares_prediction_with_measurement():
+    """bench/lems_surrogate.py's comparison, against losses made to be exactly LEMS's prediction (ratio 1) and
+    against losses a kind of layer underpredicts by 10× (ratio 0.1 for that kind, the order kept)."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from svdpress.allocate.common import rank_at
+    from svdpress.params import Counting, LayerShape
+
+    ls = _bench("lems_surrogate")
+    shapes = {f"b{i}.{k}": LayerShape(64, 96) for i in range(4) for k in ("q_proj", "up_proj")}
+    gen = torch.Generator().manual_seed(0)
+    spectra = {n: types.SimpleNamespace(S=torch.sort(torch.rand(64, generator=gen), descending=True).values)
+               for n in shapes}
+    counting = Counting()
+
+    def tail(name, f):
+        S2 = spectra[name].S.double() ** 2
+        return float(S2[rank_at(shapes[name], f, 1, counting):].sum() / S2.sum())
+
+    G = {n: 1.0 + i for i, n in enumerate(shapes)}
+    exact = {n: {f: G[n] * tail(n, f) / tail(n, 0.1) for f in (0.1, *ls.FRACTIONS)} for n in shapes}
+    res = ls.compare(shapes, spectra, exact, 0.1, counting)
+    assert all(np.isclose(v, 1.0) for kind in ("q_proj", "up_proj", "all layers") for v in res[kind].values())
+    under = {n: {f: v * (10.0 if n.endswith("q_proj") and f != 0.1 else 1.0) for f, v in d.items()}
+             for n, d in exact.items()}
+    res = ls.compare(shapes, spectra, under, 0.1, counting)
+    assert all(np.isclose(v, 0.1) for v in res["q_proj"].values())
+    assert all(np.isclose(v, 1.0) for v in res["up_proj"].values())
