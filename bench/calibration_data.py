@@ -36,7 +36,7 @@ from svdpress.config import CompressConfig, EvalConfig, resolve_device  # noqa: 
 from svdpress.data.text import check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.zeroshot import average_acc  # noqa: E402
-from svdpress.export import write_json  # noqa: E402
+from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
 from svdpress.pipeline import compress, evaluate_model  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -87,10 +87,7 @@ def resume(out: Path, setup: dict) -> dict:
     evaluation protocol, method options); another setup's file is refused, never mixed with or replaced."""
     if not out.is_file():
         return {}
-    try:
-        doc = json.loads(out.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SvdpressError(f"{out} is not this bench's JSON ({e}); pass another --out or --fresh") from None
+    doc = read_json(out, "this bench's JSON (pass another --out or --fresh)")
     if not isinstance(doc, dict) or not isinstance(doc.get("runs", {}), dict):
         raise SvdpressError(f"{out} is not this bench's JSON (no runs); pass another --out or --fresh")
     diff = {k: (doc.get(k), v) for k, v in setup.items() if doc.get(k) != v}

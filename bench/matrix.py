@@ -45,6 +45,7 @@ from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import read_json  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
@@ -95,17 +96,20 @@ def protocol(a, opts: dict) -> dict:
     return proto
 
 
+def read_matrix(path: Path) -> dict:
+    """A matrix JSON (protocol and cells), or one clear error."""
+    doc = read_json(path, "a matrix JSON")
+    if not isinstance(doc, dict) or not isinstance(doc.get("protocol"), dict) or not isinstance(doc.get("cells"), dict):
+        raise SvdpressError(f"{path} is not a matrix JSON (no protocol and cells)")
+    return doc
+
+
 def load_doc(path: Path, proto: dict) -> dict:
     """The matrix stored at path, or a new one. A file holding another protocol's matrix is refused, never
     overwritten: its cells may be hours of measurements."""
     if not path.is_file():
         return {"protocol": proto, "cells": {}, "factorize_s": {}}
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SvdpressError(f"{path} is not a matrix JSON ({e}); pass another --out") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("protocol"), dict) or not isinstance(doc.get("cells"), dict):
-        raise SvdpressError(f"{path} is not a matrix JSON (no protocol and cells); pass another --out")
+    doc = read_matrix(path)
     if doc["protocol"] != proto:
         theirs = doc["protocol"]
         diff = {k: (theirs.get(k), proto.get(k)) for k in sorted(set(proto) | set(theirs))
@@ -151,15 +155,11 @@ def merge(doc: dict, paths: list[Path]) -> list[str]:
     the shards did not run the same code, and is refused). Returns one line per file."""
     said = []
     for path in paths:
-        if not path.is_file():
-            raise SvdpressError(f"--merge: no file {path}")
         try:
-            other = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SvdpressError(f"--merge: {path} is not a matrix JSON ({e})") from None
-        if not isinstance(other, dict) or not isinstance(other.get("cells", {}), dict):
-            raise SvdpressError(f"--merge: {path} is not a matrix JSON (no protocol and cells)")
-        if other.get("protocol") != doc["protocol"]:
+            other = read_matrix(path)
+        except SvdpressError as e:
+            raise SvdpressError(f"--merge: {e}") from None
+        if other["protocol"] != doc["protocol"]:
             raise SvdpressError(f"--merge: {path} has another protocol: {other.get('protocol')}")
         added = 0
         for k, c in other.get("cells", {}).items():

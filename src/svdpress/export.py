@@ -67,6 +67,18 @@ def json_default(o):
     return str(o)
 
 
+def read_json(path: str | os.PathLike, what: str = "readable JSON") -> Any:
+    """The JSON document at path; a missing, unreadable or malformed file is one SvdpressError saying what the
+    file should have been (`what`), never a traceback."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SvdpressError(f"no file {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SvdpressError(f"{p} is not {what}: {e}") from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (no NaN/Infinity, which are not JSON), written atomically (temp file, then rename)."""
     try:

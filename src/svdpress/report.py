@@ -11,13 +11,13 @@ Figures not recorded for a model are shown as '-'. Speed and memory are read whe
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .errors import SvdpressError
+from .export import read_json
 from .models import MANIFEST
 
 SPEED_KEYS = ("tokens_per_s",)
@@ -70,19 +70,12 @@ def from_eval(doc: dict, label: str) -> Entry:
     return _eval_figures(e, doc)
 
 
-def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SvdpressError(f"{p} is not readable JSON: {e}") from None
-
-
 def load_entry(spec: str) -> Entry:
     p = Path(spec)
     if p.is_dir() and (p / MANIFEST).is_file():
-        return from_manifest(_read_json(p / MANIFEST), p.name)
+        return from_manifest(read_json(p / MANIFEST), p.name)
     if p.is_file() and p.suffix == ".json":
-        doc = _read_json(p)
+        doc = read_json(p)
         if not isinstance(doc, dict):
             raise SvdpressError(f"{spec}: neither an svdpress manifest nor an svdpress eval result")
         if "params" in doc and isinstance(doc["params"], dict) and "factorize" in doc:
@@ -185,7 +178,7 @@ def model_identity(model, source) -> dict[str, Any]:
         return out
     manifest = Path(source.path) / MANIFEST
     if manifest.is_file():
-        m = from_manifest(_read_json(manifest), source.spec)
+        m = from_manifest(read_json(manifest), source.spec)
         out.update(method=m.method, ratio=m.ratio)
         return out
     # a compressed checkpoint without its manifest: what the model itself says (its factored layers)
