@@ -7,8 +7,9 @@ LEMS (src/svdpress/allocate/lems.py) predicts the loss of truncating layer l alo
 with G_l the KL measured at the probe rank r_p (kept fraction 0.1). This bench measures the same KL at the kept
 fractions the ILP actually chooses between (0.4 … 0.9, asvd-threshold's probe points) and prints, per layer kind,
 the median of predicted / measured and the rank correlation across layers (what the ILP needs: which layers are
-cheap to cut). It was written for the matrix's outlier: LEMS on gfwsvd spectra gives wiki 77.4 at 0.8, worse
-than atp (66.3) on the same spectra, where on every other whitened factorizer LEMS is the best allocator.
+cheap to cut), and the share of each spectrum's energy in its first 32 directions (32 calibration sequences).
+It was written for the matrix's outlier: LEMS on gfwsvd spectra gives wiki 77.4 at 0.8, worse than atp (66.3) on
+the same spectra, where on every other whitened factorizer LEMS is the best allocator.
 
     python bench/lems_surrogate.py --factorizers gfwsvd,kfac
     python bench/lems_surrogate.py --probes bench/results/matrix-probes   # reuse the matrix's measurements
@@ -70,6 +71,16 @@ def compare(shapes, spectra, kl: dict[str, dict[float, float]], probe_fraction: 
     return dict(out)
 
 
+def head_energy(shapes, spectra, k: int) -> dict[str, float]:
+    """Per layer kind, the median share of the spectrum's energy in its first k directions: with k the number
+    of calibration sequences it shows gfwsvd's rank collapse (rank G_seq ≤ k) in the spectra LEMS reads."""
+    share = defaultdict(list)
+    for name in shapes:
+        S2 = spectra[name].S.double().numpy() ** 2
+        share[name.split(".")[-1]].append(float(S2[:k].sum() / max(S2.sum(), 1e-300)))
+    return {kind: float(np.median(v)) for kind, v in share.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--factorizers", default="gfwsvd,kfac")
@@ -100,11 +111,16 @@ def main(argv=None) -> int:
         mx.save_probes(mine, proto, cache)
         kl = {name: {fr: v["kl"] for fr, v in sens.loss[name].items()} for name in shapes}
         doc["results"][f] = compare(shapes, spectra, kl, cfg.probe_fraction, problem.counting)
+        doc.setdefault("head_energy", {})[f] = head_energy(shapes, spectra, ma.calib_samples)
         write_json(out, doc)
     rows = [[f, kind] + [v[fr] for fr in FRACTIONS] for f, res in doc["results"].items() for kind, v in res.items()]
     print("LEMS surrogate / measured KL (median over layers; 'spearman': rank correlation across all layers), by kept"
           " fraction:")
     print(table(rows, ["factorize", "layers"] + [str(fr) for fr in FRACTIONS]))
+    kinds = list(dict.fromkeys(k for e in doc["head_energy"].values() for k in e))
+    print(f"\nshare of each spectrum's energy in its first {ma.calib_samples} directions (= calibration sequences; "
+          "median over layers):")
+    print(table([[f] + [e.get(k) for k in kinds] for f, e in doc["head_energy"].items()], ["factorize"] + kinds))
     print(f"wrote {out}")
     return 0
 

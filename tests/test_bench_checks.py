@@ -197,3 +197,5 @@ def test_lems_surrogate_bench_compares_prediction_with_measurement():
     res = ls.compare(shapes, spectra, under, 0.1, counting)
     assert all(np.isclose(v, 0.1) for v in res["q_proj"].values())
     assert all(np.isclose(v, 1.0) for v in res["up_proj"].values())
+    flat = {n: types.SimpleNamespace(S=torch.ones(64)) for n in shapes}  # equal energies: k of 64 directions
+    assert ls.head_energy(shapes, flat, 16) == {"q_proj": 0.25, "up_proj": 0.25}
