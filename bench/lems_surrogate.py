@@ -13,6 +13,7 @@ the same spectra, where on every other whitened factorizer LEMS is the best allo
 
     python bench/lems_surrogate.py --factorizers gfwsvd,kfac
     python bench/lems_surrogate.py --probes bench/results/matrix-probes   # reuse the matrix's measurements
+    python bench/lems_surrogate.py --factorizers kfac,svd-llm --energy-only    # only the spectra's head energy
 
 Protocol: the matrix's (bench/matrix.py): 32×512 calibration tokens of wiki's first half, seed 0, through the
 stats cache; the probe of LEMS and asvd-threshold (4 sequences × 256 tokens, τ = 0.6). Sensitivities the matrix
@@ -42,7 +43,7 @@ from svdpress.allocate.lems import LemsConfig, tail_fraction  # noqa: E402
 from svdpress.allocate.sensitivity import layer_sensitivity, probe_config  # noqa: E402
 from svdpress.config import resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
-from svdpress.export import write_json  # noqa: E402
+from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
 from svdpress.pipeline import Timer, factorize_model  # noqa: E402
@@ -52,7 +53,8 @@ FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def compare(shapes, spectra, kl: dict[str, dict[float, float]], probe_fraction: float, counting) -> dict:
-    """Per layer kind and kept fraction: median predicted/measured KL, and Spearman's ρ across the layers."""
+    """Per layer kind and kept fraction (a string key, as in the JSON): median predicted/measured KL, and Spearman's ρ
+    across the layers."""
     out: dict = defaultdict(dict)
     for f in FRACTIONS:
         pred, meas, kinds = [], [], []
@@ -65,9 +67,9 @@ def compare(shapes, spectra, kl: dict[str, dict[float, float]], probe_fraction: 
         pred, meas = np.array(pred), np.maximum(np.array(meas), 1e-12)
         for kind in dict.fromkeys(kinds):
             i = [j for j, k in enumerate(kinds) if k == kind]
-            out[kind][f] = float(np.median(pred[i] / meas[i]))
-        out["all layers"][f] = float(np.median(pred / meas))
-        out["spearman"][f] = float(spearmanr(pred, meas).statistic)
+            out[kind][str(f)] = float(np.median(pred[i] / meas[i]))
+        out["all layers"][str(f)] = float(np.median(pred / meas))
+        out["spearman"][str(f)] = float(spearmanr(pred, meas).statistic)
     return dict(out)
 
 
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lems_surrogate.json"))
+    p.add_argument("--energy-only", action="store_true",
+                   help="only the spectra's head energy (no probes: a minute per factorizer)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     ma = mx.parse_args([])  # the matrix's default protocol: its probe files are reusable only under it
@@ -101,9 +105,18 @@ def main(argv=None) -> int:
     runner = Runner(model, Placement(device=device, offload="none"))
     samples, _ = calibration_samples(tok, "wiki", ma.calib_samples, ma.calib_seqlen, 0)
     shapes = runner.arch.shapes()
-    doc = {"protocol": proto, "probe_fraction": cfg.probe_fraction, "fractions": list(FRACTIONS), "results": {}}
+    doc = {"protocol": proto, "probe_fraction": cfg.probe_fraction, "fractions": list(FRACTIONS), "results": {},
+           "head_energy": {}}
+    if out.is_file():  # add to an earlier run of the same protocol (one factorizer at a time)
+        old = read_json(out, "this bench's JSON")
+        if isinstance(old, dict) and old.get("protocol") == proto:
+            doc = {**doc, **old}
     for f in [x for x in a.factorizers.split(",") if x]:
         spectra = factorize_model(runner, samples, f, Timer(), ma.batch_size, not a.no_progress, a.stats_cache)
+        doc["head_energy"][f] = head_energy(shapes, spectra, ma.calib_samples)
+        if a.energy_only:
+            write_json(out, doc)
+            continue
         mine = out.parent / "lems_surrogate-probes" / f"{f}.pt"
         cache = {**mx.load_probes(Path(a.probes) / f"{f}.pt", proto), **mx.load_probes(mine, proto)}
         problem = AllocationProblem(shapes, spectra, 0.8, 1, {}, runner, samples, 0, not a.no_progress, cache)
@@ -111,9 +124,8 @@ def main(argv=None) -> int:
         mx.save_probes(mine, proto, cache)
         kl = {name: {fr: v["kl"] for fr, v in sens.loss[name].items()} for name in shapes}
         doc["results"][f] = compare(shapes, spectra, kl, cfg.probe_fraction, problem.counting)
-        doc.setdefault("head_energy", {})[f] = head_energy(shapes, spectra, ma.calib_samples)
         write_json(out, doc)
-    rows = [[f, kind] + [v[fr] for fr in FRACTIONS] for f, res in doc["results"].items() for kind, v in res.items()]
+    rows = [[f, kind] + [v[str(fr)] for fr in FRACTIONS] for f, res in doc["results"].items() for kind, v in res.items()]
     print("LEMS surrogate / measured KL (median over layers; 'spearman': rank correlation across all layers), by kept"
           " fraction:")
     print(table(rows, ["factorize", "layers"] + [str(fr) for fr in FRACTIONS]))
