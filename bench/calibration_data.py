@@ -90,9 +90,7 @@ def resume(out: Path, setup: dict) -> dict:
     doc = read_json(out, "this bench's JSON (pass another --out or --fresh)")
     if not isinstance(doc, dict) or not isinstance(doc.get("runs", {}), dict):
         raise SvdpressError(f"{out} is not this bench's JSON (no runs); pass another --out or --fresh")
-    diff = {k: (doc.get(k), v) for k, v in setup.items() if doc.get(k) != v}
-    if doc.get("options") and "options" not in setup:
-        diff["options"] = (doc["options"], None)
+    diff = {k: (doc.get(k), setup.get(k)) for k in [*setup, "options"] if doc.get(k) != setup.get(k)}
     if diff:
         raise SvdpressError(f"{out} holds runs of another setup (stored, this run: {diff}); pass another --out, "
                             "run with its settings to resume it, or --fresh to start over")

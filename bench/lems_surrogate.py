@@ -56,15 +56,13 @@ def compare(shapes, spectra, kl: dict[str, dict[float, float]], probe_fraction: 
     """Per layer kind and kept fraction (a string key, as in the JSON): median predicted/measured KL, and Spearman's ρ
     across the layers."""
     out: dict = defaultdict(dict)
+    kinds = [name.split(".")[-1] for name in shapes]
+    S2 = {name: np.cumsum(spectra[name].S.double().numpy() ** 2) for name in shapes}  # once, for every fraction
     for f in FRACTIONS:
-        pred, meas, kinds = [], [], []
-        for name, shape in shapes.items():
-            S2 = np.cumsum(spectra[name].S.double().numpy() ** 2)
-            r_p, r = rank_at(shape, probe_fraction, 1, counting), rank_at(shape, f, 1, counting)
-            pred.append(kl[name][probe_fraction] * tail_fraction(S2, r) / max(tail_fraction(S2, r_p), 1e-12))
-            meas.append(kl[name][f])
-            kinds.append(name.split(".")[-1])
-        pred, meas = np.array(pred), np.maximum(np.array(meas), 1e-12)
+        pred = np.array([kl[name][probe_fraction] * tail_fraction(S2[name], rank_at(shape, f, 1, counting))
+                         / max(tail_fraction(S2[name], rank_at(shape, probe_fraction, 1, counting)), 1e-12)
+                         for name, shape in shapes.items()])
+        meas = np.maximum(np.array([kl[name][f] for name in shapes]), 1e-12)
         for kind in dict.fromkeys(kinds):
             i = [j for j, k in enumerate(kinds) if k == kind]
             out[kind][str(f)] = float(np.median(pred[i] / meas[i]))
