@@ -17,7 +17,8 @@ the same spectra, where on every other whitened factorizer LEMS is the best allo
 
 Protocol: the matrix's (bench/matrix.py): 32×512 calibration tokens of wiki's first half, seed 0, through the
 stats cache; the probe of LEMS and asvd-threshold (4 sequences × 256 tokens, τ = 0.6). Sensitivities the matrix
-already measured on the same spectra are read from its probe files (--probes), never written back; the ones
+already measured on the same spectra are read from its probe files (--probes, and the committed
+bench/reference/matrix-probes/), never written back; the ones
 measured here are kept in --out's directory (lems_surrogate-probes/). Writes bench/results/lems_surrogate.json.
 """
 
@@ -115,11 +116,12 @@ def main(argv=None) -> int:
         if a.energy_only:
             write_json(out, doc)
             continue
-        mine = out.parent / "lems_surrogate-probes" / f"{f}.pt"
-        cache = {**mx.load_probes(Path(a.probes) / f"{f}.pt", proto), **mx.load_probes(mine, proto)}
+        sid, mine = mx.spectra_id(spectra), out.parent / "lems_surrogate-probes" / f"{f}.json"
+        cache = {**mx.load_probes(mx.REFERENCE_PROBES / f"{f}.json", proto, sid),
+                 **mx.load_probes(Path(a.probes) / f"{f}.json", proto, sid), **mx.load_probes(mine, proto, sid)}
         problem = AllocationProblem(shapes, spectra, 0.8, 1, {}, runner, samples, 0, not a.no_progress, cache)
         sens = layer_sensitivity(problem, (cfg.probe_fraction, *FRACTIONS), probe_config(cfg))
-        mx.save_probes(mine, proto, cache)
+        mx.save_probes(mine, proto, sid, cache)
         kl = {name: {fr: v["kl"] for fr, v in sens.loss[name].items()} for name in shapes}
         doc["results"][f] = compare(shapes, spectra, kl, cfg.probe_fraction, problem.counting)
         write_json(out, doc)

@@ -18,9 +18,12 @@ Shards run side by side (one process per factorizer, or per machine) write their
 
 Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun with the same protocol skips
 the cells it already holds (a cell that failed is recorded with its error and retried); a file of another
-protocol (model, calibration, evaluation, rank multiple, method options) is refused, never replaced; the
-sensitivity measurements of each factorizer's spectra are kept in bench/results/matrix-probes/, so a later run
-for other ratios reuses them. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
+protocol (model, calibration, evaluation, rank multiple, method options) is refused, never replaced. The
+sensitivity measurements of each factorizer's spectra (the costly part of lems, asvd-threshold, mrcs and the +
+variants: 6–38 min a factorizer on 2 cores) are kept as JSON in --probes (bench/results/matrix-probes/), and
+those committed in bench/reference/matrix-probes/ are read too, so a later run, or a fresh clone, reuses them;
+each file names its protocol and a checksum of the spectra it was measured on (`spectra_id`), and one that
+does not match is ignored and measured again. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
 allocator, wiki / c4), a pivot of wiki perplexity per ratio (factorizer × allocator), the cells that answer issue
 #16's checks, and writes a heat-map PNG.
 """
@@ -28,6 +31,7 @@ allocator, wiki / c4), a pivot of wiki perplexity per ratio (factorizer × alloc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -41,11 +45,12 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
+from svdpress.allocate.sensitivity import export_measurements, import_measurements  # noqa: E402
 from svdpress.cli import parse_method_opts  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
-from svdpress.export import read_json  # noqa: E402
+from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
@@ -56,6 +61,7 @@ from svdpress.table import table  # noqa: E402
 
 FACTORIZERS_ALL = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "kfac", "gfwsvd", "dobi-svd")
 # every registered allocator but `load` (ranks read from a file): svd-llm-v2's loss-based split needs no forwards
+REFERENCE_PROBES = ROOT / "bench" / "reference" / "matrix-probes"  # committed: read, never written
 ALLOCATORS_ALL = ("uniform", "svd-llm-v2", "atp", "mrcs", "asvd-threshold", "lems", "fermigrad", "asvd-plus",
                   "mrcs-plus", "dobi")
 TEXTS = ("wiki", "c4")
@@ -77,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
+    p.add_argument("--probes", default="", help="where sensitivity measurements are kept (default: --out's "
+                   "directory/matrix-probes); bench/reference/matrix-probes is read too")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--markdown", action="store_true", help="only print the stored cells as the README's tables")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
@@ -125,28 +133,35 @@ def save_doc(path: Path, doc: dict) -> None:
     tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
 
 
-def probes_path(out: Path, f: str) -> Path:
-    return out.parent / "matrix-probes" / f"{f}.pt"
+def spectra_id(spectra: dict) -> str:
+    """A checksum of the spectra that probes were measured on: each layer's singular values relative to its
+    largest, to 6 decimals. A change in the factorizer's code or in the statistics changes it (stored probes are
+    then measured again, never applied to other spectra); a BLAS's last-bit rounding does not."""
+    h = hashlib.sha256()
+    for name in sorted(spectra):
+        S = spectra[name].S.double()
+        h.update(name.encode())
+        h.update(torch.round(S / S[0].clamp_min(1e-300) * 1e6).to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def load_probes(path: Path, proto: dict) -> dict:
-    """The sensitivity measurements made on factorizer f's spectra by an earlier run of this protocol (lems,
-    asvd-threshold, mrcs and the + variants read them through the problem cache), so a rerun for other ratios
-    does not probe again."""
-    if path.is_file():
-        doc = torch.load(path, weights_only=False)
-        if doc.get("protocol") == proto:
-            return dict(doc["entries"])
-    return {}
+def load_probes(path: Path, proto: dict, spectra: str) -> dict:
+    """The sensitivity measurements made on these spectra (`spectra_id`) under this protocol by an earlier run
+    (lems, asvd-threshold, mrcs and the + variants read them through the problem cache), so a rerun for other
+    ratios does not probe again; {} when the file is absent or was made for other spectra or another protocol."""
+    if not path.is_file():
+        return {}
+    doc = read_json(path, "a matrix probe file")
+    if not isinstance(doc, dict) or doc.get("protocol") != proto or doc.get("spectra") != spectra:
+        return {}
+    return import_measurements(doc.get("entries", []))
 
 
-def save_probes(path: Path, proto: dict, cache: dict) -> None:
-    entries = {k: v for k, v in cache.items() if isinstance(k, tuple) and k and k[0] == "sensitivity"}
+def save_probes(path: Path, proto: dict, spectra: str, cache: dict) -> None:
+    entries = export_measurements(cache)
     if entries:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"protocol": proto, "entries": entries}, tmp)
-        tmp.replace(path)
+        write_json(path, {"protocol": proto, "spectra": spectra, "entries": entries})
 
 
 def merge(doc: dict, paths: list[Path]) -> list[str]:
@@ -325,6 +340,7 @@ def main(argv=None) -> int:
         raise SystemExit(str(e)) from None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    probes = Path(a.probes) if a.probes else out.parent / "matrix-probes"
     proto = protocol(a, opts)
     try:
         doc = load_doc(out, proto)
@@ -369,7 +385,8 @@ def main(argv=None) -> int:
         spectra = factorize_model(runner, samples, f, Timer(), a.batch_size, progress, a.stats_cache)
         doc["factorize_s"][f] = round(time.perf_counter() - t, 1)
         # sensitivities measured on these spectra, shared by every allocator and ratio (and kept on disk)
-        cache: dict = load_probes(probes_path(out, f), proto)
+        sid, mine = spectra_id(spectra), probes / f"{f}.json"
+        cache: dict = {**load_probes(REFERENCE_PROBES / f"{f}.json", proto, sid), **load_probes(mine, proto, sid)}
         for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
                                         samples, 0, progress, cache)
@@ -388,7 +405,7 @@ def main(argv=None) -> int:
                     set_module(model, name, layer)
             doc["cells"][key(f, m, ratio)] = cell
             save_doc(out, doc)
-            save_probes(probes_path(out, f), proto, cache)
+            save_probes(mine, proto, sid, cache)
             print(f"{f}+{m} @ {ratio}: " + (f"wiki {cell['ppl']['wiki']:.2f}, c4 {cell['ppl']['c4']:.2f}"
                                             if "ppl" in cell else f"error: {cell['error']}"), flush=True)
         del spectra, cache

@@ -199,3 +199,56 @@ def test_lems_surrogate_bench_compares_prediction_with_measurement():
     assert all(np.isclose(v, 1.0) for v in res["up_proj"].values())
     flat = {n: types.SimpleNamespace(S=torch.ones(64)) for n in shapes}  # equal energies: k of 64 directions
     assert ls.head_energy(shapes, flat, 16) == {"q_proj": 0.25, "up_proj": 0.25}
+
+
+def test_matrix_probes_are_reused_only_for_the_spectra_they_were_measured_on(tmp_path):
+    """Stored sensitivities (committed in bench/reference/matrix-probes, 6–38 min each to measure) round-trip
+    through JSON into the problem cache, and are ignored for other spectra or another protocol."""
+    import torch
+
+    from svdpress.allocate.sensitivity import ProbeConfig
+    from svdpress.factorize import LayerSpectrum
+
+    mx = _bench("matrix")
+    proto = mx.protocol(mx.parse_args([]), {})
+
+    def spectra(s):
+        return {"l.q": LayerSpectrum(torch.eye(2), torch.tensor(s, dtype=torch.float64), torch.eye(2))}
+
+    sid = mx.spectra_id(spectra([2.0, 1.0]))
+    assert sid == mx.spectra_id(spectra([2.0, 1.0 + 1e-9]))  # last-bit rounding: the same spectra
+    assert sid != mx.spectra_id(spectra([2.0, 0.9]))
+    cache = {("sensitivity", ProbeConfig(), 0.4, "classical"): ({"l.q": {"kl": 0.1, "nll": 3.2, "dnll": 0.01}}, 2.5, 1),
+             ("probe", ProbeConfig()): object()}  # the live probe is not stored
+    path = tmp_path / "f.json"
+    mx.save_probes(path, proto, sid, cache)
+    back = mx.load_probes(path, proto, sid)
+    assert back == {k: v for k, v in cache.items() if k[0] == "sensitivity"}
+    assert mx.load_probes(path, proto, mx.spectra_id(spectra([2.0, 0.9]))) == {}
+    assert mx.load_probes(path, {**proto, "rank_multiple": 8}, sid) == {}
+    assert mx.load_probes(tmp_path / "absent.json", proto, sid) == {}
+
+
+def test_matrix_runs_cells_and_a_rerun_reuses_its_probes(tiny_model_dir, tmp_path, monkeypatch):
+    """End to end on a tiny model: cells are measured, the sensitivities land in the probe file, and a run for
+    another ratio takes them from there instead of probing the model again."""
+    import json
+
+    from svdpress.allocate import sensitivity
+
+    mx = _bench("matrix")
+    out = tmp_path / "m.json"
+    argv = ["--model", str(tiny_model_dir), "--factorizers", "svd-llm", "--allocators", "lems", "--calib-samples",
+            "4", "--calib-seqlen", "64", "--limit", "256", "--seqlen", "64", "--out", str(out), "--stats-cache",
+            str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]
+    assert mx.main(argv + ["--ratios", "0.8"]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"svd-llm|lems|0.8"} and cells["svd-llm|lems|0.8"]["achieved"] <= 0.8
+    assert json.loads((tmp_path / "matrix-probes" / "svd-llm.json").read_text())["entries"]
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(sensitivity, "Probe", no_probe)
+    assert mx.main(argv + ["--ratios", "0.6"]) == 0
+    assert "ppl" in json.loads(out.read_text())["cells"]["svd-llm|lems|0.6"]

@@ -26,7 +26,7 @@ spectra, samples) measure each (layer, fraction, counting) once.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -239,6 +239,18 @@ class Sensitivity:
 
 def _key(problem: AllocationProblem, cfg: ProbeConfig, fraction: float) -> tuple:
     return ("sensitivity", cfg, round(float(fraction), 6), problem.counting.name)
+
+
+def export_measurements(cache: Mapping) -> list[dict]:
+    """The sensitivity measurements held in a problem cache as plain data (JSON), for a cache kept on disk."""
+    return [{"probe": asdict(k[1]), "fraction": k[2], "counting": k[3], "losses": v[0], "seconds": v[1],
+             "probes": v[2]} for k, v in cache.items() if isinstance(k, tuple) and k and k[0] == "sensitivity"]
+
+
+def import_measurements(items: list[dict]) -> dict:
+    """`export_measurements`'s output back as problem-cache entries."""
+    return {("sensitivity", ProbeConfig(**e["probe"]), round(float(e["fraction"]), 6), e["counting"]):
+            (e["losses"], float(e["seconds"]), int(e["probes"])) for e in items}
 
 
 def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], cfg: ProbeConfig) -> Sensitivity:
