@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
-from svdpress.cli import parse_method_opts  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -49,12 +49,12 @@ def protocol_args(p: argparse.ArgumentParser) -> None:
     """The options of the shared protocol (also bench/pivga_budget.py's)."""
     p.add_argument("--model", default="default")
     p.add_argument("--factorize", default="svd-llm")
-    p.add_argument("--rank-multiple", type=int, default=1, help="for every method (lems uses 16 when this is 1)")
+    p.add_argument("--rank-multiple", type=positive_int, default=1, help="for every method (lems uses 16 when this is 1)")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
-    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens")
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--seqlen", type=positive_int, default=1024, help="perplexity window")
+    p.add_argument("--limit", type=positive_int, default=8192, help="evaluation tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--stats-cache", default=None, help="calibration statistics cache directory (stats_cache.py)")
@@ -65,8 +65,8 @@ def protocol_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     protocol_args(p)
-    p.add_argument("--methods", default=",".join(ALL), help="comma list; unregistered ones are skipped")
-    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--methods", type=names_in(ALLOCATORS, "allocator"), default=",".join(ALL), help="comma list")
+    p.add_argument("--ratios", type=ratio_list, default="0.9,0.8,0.7,0.6")
     p.add_argument("--pivga", action="store_true", help="budget counted as PivGa stores it; models gauge-fixed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
     return p.parse_args(argv)
@@ -107,18 +107,14 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     progress = not a.no_progress
     device = resolve_device(a.device)
-    methods = [m for m in a.methods.split(",") if m]
-    skipped = [m for m in methods if m not in ALLOCATORS]
-    methods = [m for m in methods if m in ALLOCATORS]
-    if skipped:
-        print(f"skipping unregistered methods: {', '.join(skipped)}")
+    methods, ratios = a.methods, a.ratios
     try:
+        EvalConfig(ppl=("wiki",), seqlen=a.seqlen, limit=a.limit).validate()
         opts = parse_method_opts(a.opt)
         for m in methods:  # every method's options (and optional packages: optuna) before the model is loaded
             check_options(m, opts.get(m, {}))
     except SvdpressError as e:
         raise SystemExit(str(e)) from None
-    ratios = [float(r) for r in a.ratios.split(",")]
 
     model, tok, _ = load_model(a.model)
     runner = Runner(model, Placement(device=device, offload="none"))

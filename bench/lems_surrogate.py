@@ -43,8 +43,10 @@ from svdpress.allocate.common import rank_at  # noqa: E402
 from svdpress.allocate.lems import LemsConfig, tail_fraction  # noqa: E402
 from svdpress.allocate.sensitivity import layer_sensitivity, probe_config  # noqa: E402
 from svdpress.config import resolve_device  # noqa: E402
+from svdpress.cli import names_in  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.export import read_json, write_json  # noqa: E402
+from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
 from svdpress.pipeline import Timer, factorize_model  # noqa: E402
@@ -84,7 +86,7 @@ def head_energy(shapes, spectra, k: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--factorizers", default="gfwsvd,kfac")
+    p.add_argument("--factorizers", type=names_in(FACTORIZERS, "factorizer"), default="gfwsvd,kfac")
     p.add_argument("--probes", default=str(ROOT / "bench" / "results" / "matrix-probes"),
                    help="the matrix's probe files to read (not written)")
     p.add_argument("--device", default="auto")
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         old = read_json(out, "this bench's JSON")
         if isinstance(old, dict) and old.get("protocol") == proto:
             doc = {**doc, **old}
-    for f in [x for x in a.factorizers.split(",") if x]:
+    for f in a.factorizers:
         spectra = factorize_model(runner, samples, f, Timer(), ma.batch_size, not a.no_progress, a.stats_cache)
         doc["head_energy"][f] = head_energy(shapes, spectra, ma.calib_samples)
         if a.energy_only:

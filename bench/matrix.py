@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
 from svdpress.allocate.sensitivity import export_measurements, import_measurements  # noqa: E402
-from svdpress.cli import parse_method_opts  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -70,16 +70,18 @@ TEXTS = ("wiki", "c4")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--factorizers", default=",".join(FACTORIZERS_ALL), help="comma list; unregistered skipped")
-    p.add_argument("--allocators", default=",".join(ALLOCATORS_ALL), help="comma list; unregistered skipped")
-    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6")
+    p.add_argument("--factorizers", type=names_in(FACTORIZERS, "factorizer"), default=",".join(FACTORIZERS_ALL),
+                   help="comma list")
+    p.add_argument("--allocators", type=names_in(ALLOCATORS, "allocator"), default=",".join(ALLOCATORS_ALL),
+                   help="comma list")
+    p.add_argument("--ratios", type=ratio_list, default="0.9,0.8,0.7,0.6")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
-    p.add_argument("--rank-multiple", type=int, default=1)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
-    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens per text")
+    p.add_argument("--rank-multiple", type=positive_int, default=1)
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seqlen", type=positive_int, default=1024, help="perplexity window")
+    p.add_argument("--limit", type=positive_int, default=8192, help="evaluation tokens per text")
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
@@ -322,17 +324,10 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     progress = not a.no_progress
     device = resolve_device(a.device)
-    facs = [f for f in a.factorizers.split(",") if f]
-    allocs = [m for m in a.allocators.split(",") if m]
-    skipped = [f for f in facs if f not in FACTORIZERS] + [m for m in allocs if m not in ALLOCATORS]
-    facs, allocs = [f for f in facs if f in FACTORIZERS], [m for m in allocs if m in ALLOCATORS]
-    if skipped:
-        print(f"skipping unregistered methods: {', '.join(skipped)}")
+    facs, allocs, ratios = a.factorizers, a.allocators, a.ratios
+    ev = EvalConfig(ppl=TEXTS, seqlen=a.seqlen, limit=a.limit)
     try:
-        ratios = [float(r) for r in a.ratios.split(",")]
-    except ValueError:
-        raise SystemExit(f"--ratios: comma-separated numbers in (0, 1], got {a.ratios!r}") from None
-    try:
+        ev.validate()
         opts = parse_method_opts(a.opt)
         for m in allocs:  # every method's options (and optional packages: optuna) before the model is loaded
             check_options(m, opts.get(m, {}))
@@ -369,7 +364,6 @@ def main(argv=None) -> int:
     samples, _ = calibration_samples(tok, "wiki", a.calib_samples, a.calib_seqlen, 0)
     shapes = runner.arch.shapes()
     originals = {name: model.get_submodule(name) for name in shapes}
-    ev = EvalConfig(ppl=TEXTS, seqlen=a.seqlen, limit=a.limit)
 
     def ppl() -> dict[str, float]:
         res = evaluate_model(runner, tok, ev, device, progress)["ppl"]

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import parse_method_opts  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, ratio_list  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -51,20 +51,20 @@ MATCH_TOL = 0.005  # the two models' parameter counts agree within ±0.5%
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     protocol_args(p)
-    p.add_argument("--methods", default="uniform,lems", help="comma list of allocation methods")
-    p.add_argument("--ratios", default="0.8,0.6", help="nominal ratios R of the classical allocation")
+    p.add_argument("--methods", type=names_in(ALLOCATORS, "allocator"), default="uniform,lems",
+                   help="comma list of allocation methods")
+    p.add_argument("--ratios", type=ratio_list, default="0.8,0.6", help="nominal ratios R of the classical allocation")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "pivga_budget.json"))
     p.add_argument("--build", choices=("pivga", "svd"), default="pivga",
                    help="build gauge-fixed (and count the modules) or as LowRankLinear (same outputs; counted)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the missing ones")
     a = p.parse_args(argv)
-    a.methods = [m for m in a.methods.split(",") if m]
-    unknown = [m for m in a.methods if m not in ALLOCATORS]
-    if unknown:
-        p.error(f"unknown allocation method(s): {', '.join(unknown)}")
-    a.ratios = [float(r) for r in a.ratios.split(",") if r]
-    if not all(0 < r < 1 for r in a.ratios):
+    if not all(r < 1 for r in a.ratios):
         p.error("--ratios must lie in (0, 1)")
+    try:
+        EvalConfig(ppl=("wiki",), seqlen=a.seqlen, limit=a.limit).validate()
+    except SvdpressError as e:
+        p.error(str(e))
     try:
         a.options = parse_method_opts(a.opt)
     except SvdpressError as e:

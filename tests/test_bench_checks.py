@@ -252,3 +252,28 @@ def test_matrix_runs_cells_and_a_rerun_reuses_its_probes(tiny_model_dir, tmp_pat
     monkeypatch.setattr(sensitivity, "Probe", no_probe)
     assert mx.main(argv + ["--ratios", "0.6"]) == 0
     assert "ppl" in json.loads(out.read_text())["cells"]["svd-llm|lems|0.6"]
+
+
+def test_bench_arguments_are_checked_before_any_work(capsys):
+    """A typo in a method name, a ratio outside (0, 1] or a count below 1 ends the bench at once with one line
+    naming the argument (argparse's exit 2), never a bench that silently leaves the method out or a traceback
+    after the model is loaded."""
+    import pytest
+
+    mx, al = _bench("matrix"), _bench("allocation")
+    bad = [(mx, ["--factorizers", "svd,kfc"], "unknown factorizer: kfc; registered: asvd"),
+           (mx, ["--allocators", "lems,nope"], "unknown allocator: nope"),
+           (mx, ["--ratios", "0.8,x"], "--ratios: comma-separated numbers in (0, 1]"),
+           (mx, ["--ratios", "1.5"], "got '1.5'"),
+           (mx, ["--ratios", ","], "got ','"),
+           (mx, ["--limit", "-3"], "--limit: an integer ≥ 1"),
+           (mx, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
+           (al, ["--methods", "uniform,fermigard"], "unknown allocator: fermigard"),
+           (al, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]")]
+    for mod, argv, msg in bad:
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+    a = mx.parse_args(["--factorizers", "kfac, svd", "--ratios", "0.9,1", "--limit", "16"])
+    assert (a.factorizers, a.allocators[:2], a.ratios, a.limit) == (["kfac", "svd"], ["uniform", "svd-llm-v2"],
+                                                                    [0.9, 1.0], 16)

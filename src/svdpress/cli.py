@@ -27,6 +27,41 @@ def csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def ratio_list(s: str) -> list[float]:
+    """argparse type of --ratios: comma-separated kept fractions, each in (0, 1]."""
+    try:
+        ratios = [float(x) for x in csv(s)]
+    except ValueError:
+        ratios = []
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise argparse.ArgumentTypeError(f"comma-separated numbers in (0, 1], got {s!r}")
+    return ratios
+
+
+def names_in(registry, what: str) -> Callable[[str], list[str]]:
+    """argparse type of a comma list of names in a Registry: a typo is an error naming the registered ones, never
+    a method silently left out of a bench."""
+    def parse(s: str) -> list[str]:
+        names, known = list(csv(s)), registry.names()
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(unknown) or '(none given)'}; "
+                                             f"registered: {', '.join(known)}")
+        return names
+    return parse
+
+
+def positive_int(s: str) -> int:
+    """argparse type of a count (samples, tokens, batch size, rank multiple): an integer ≥ 1."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"an integer ≥ 1, got {s!r}")
+    return n
+
+
 def parse_opts(pairs: list[str]) -> dict[str, Any]:
     """--opt key=value pairs; values are parsed as JSON when they can be (numbers, lists, booleans)."""
     out: dict[str, Any] = {}
