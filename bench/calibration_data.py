@@ -178,16 +178,27 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def config(a, allocate: str, source: str, device: str, opts: dict) -> CompressConfig:
+    """One run's compression settings: checked for every allocator before the model is loaded."""
+    return CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio, calib=source,
+                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, device=device,
+                          stats_cache=a.stats_cache, progress=not a.no_progress, options=dict(opts.get(allocate, {})))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     device = resolve_device(a.device)
     sources, texts = split_sources(a.sources), [t for t in a.texts.split(",") if t]
     allocators = [x for x in a.allocators.split(",") if x]
     tasks = tuple(t for t in a.tasks.split(",") if t)
-    try:  # every source, text and method option checked before the model is loaded
+    eval_cfg = EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit, tasks=tasks, task_limit=a.task_limit)
+    try:  # every source, text, allocator, number and method option checked before the model is loaded
         for spec in sources + texts:
             check_sources(spec)
         opts = parse_method_opts(a.opt)
+        for allocate in allocators:
+            config(a, allocate, "wiki", device, opts).validate()
+        eval_cfg.validate()
     except SvdpressError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(a.out)
@@ -203,7 +214,6 @@ def main(argv=None) -> int:
     doc.update({**setup, "device": device, "allocators": allocators, "sources": sources, "texts": texts,
                 "tasks": list(tasks), "task_limit": a.task_limit if tasks else None})
     doc.setdefault("runs", {})
-    eval_cfg = EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit, tasks=tasks, task_limit=a.task_limit)
     dense, tok, _ = load_model(a.model)
 
     def score(model) -> dict:
@@ -227,10 +237,7 @@ def main(argv=None) -> int:
             k = key(allocate, source)
             if k in doc["runs"] and covers(doc["runs"][k], texts, tasks, a.task_limit):
                 continue
-            cfg = CompressConfig(model=a.model, factorize=a.factorize, allocate=allocate, ratio=a.ratio,
-                                 calib=source, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
-                                 device=device, stats_cache=a.stats_cache, progress=not a.no_progress,
-                                 options=dict(opts.get(allocate, {})))
+            cfg = config(a, allocate, source, device, opts)
             t0 = time.perf_counter()
             model, report = compress(copy.deepcopy(dense), cfg, tokenizer=tok)
             seconds = time.perf_counter() - t0

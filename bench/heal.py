@@ -35,21 +35,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import svdpress  # noqa: E402
-from svdpress.cli import parse_method_opts, parse_opts  # noqa: E402
+from svdpress.allocate import ALLOCATORS  # noqa: E402
+from svdpress.cli import csv, names_in, parse_method_opts, parse_opts, ratio_list  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, HealConfig, resolve_device  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.perplexity import text_perplexity  # noqa: E402
 from svdpress.evaluate.zeroshot import average_acc  # noqa: E402
-from svdpress.export import read_manifest, write_json  # noqa: E402
+from svdpress.export import read_json, read_manifest, write_json  # noqa: E402
+from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--factorize", default="svd-llm", help="comma list (svd-llm, kfac, ...)")
-    p.add_argument("--starts", default="uniform", help="allocations to start from, comma list")
-    p.add_argument("--ratios", default="0.8")
+    p.add_argument("--factorize", type=names_in(FACTORIZERS, "factorizer"), default="svd-llm",
+                   help="comma list (svd-llm, kfac, ...)")
+    p.add_argument("--starts", type=names_in(ALLOCATORS, "allocator"), default="uniform",
+                   help="allocations to start from, comma list")
+    p.add_argument("--ratios", type=ratio_list, default="0.8")
     p.add_argument("--modes", default="factors", help="factors, lora (comma list)")
     p.add_argument("--heal", action="append", default=[], metavar="KEY=VALUE", help="heal setting, for every run")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -68,12 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/svdpress-heal-bench", help="compressed starts and statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "heal.json"))
+    p.add_argument("--fresh", action="store_true", help="start over: replace --out's runs (made under other settings)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-def csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
 
 
 def compressed(a, factorize: str, start: str, ratio: float, options: dict, device: str, progress: bool) -> str:
@@ -218,7 +219,7 @@ def print_table(doc: dict) -> None:
 def tasks_before(a, path: str, device: str) -> dict:
     """Zero-shot results of the start before healing, computed once per start, task list and limit (kept next to
     the start in --work: a start is compressed once, so its figures do not change)."""
-    spec = {"tasks": csv(a.tasks), "task_limit": a.task_limit}
+    spec = {"tasks": list(csv(a.tasks)), "task_limit": a.task_limit}
     f = Path(path) / "bench_tasks_before.json"
     if f.is_file():
         got = json.loads(f.read_text())
@@ -239,13 +240,18 @@ RESUME_KEYS = ("model", "device", "ppl_texts", "heal_options", "allocation_optio
 
 def resume(out: Path, fresh: dict) -> dict:
     """The stored document when it was made under the same settings (its runs are kept and skipped), else `fresh`:
-    a sweep of many heal runs can be stopped and continued."""
+    a sweep of many heal runs can be stopped and continued. A file of other settings is refused, never replaced:
+    hours of healing runs are not overwritten by a rerun with one flag changed."""
     if out.is_file():
-        old = json.loads(out.read_text())
-        if all(old.get(k) == fresh[k] for k in RESUME_KEYS):
-            print(f"{out}: resuming, {len(old.get('results', []))} run(s) kept")
-            return old
-        print(f"{out}: other settings; starting anew")
+        old = read_json(out, "this bench's JSON (pass another --out or --fresh)")
+        if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+            raise SvdpressError(f"{out} is not this bench's JSON (no results); pass another --out or --fresh")
+        diff = {k: (old.get(k), fresh[k]) for k in RESUME_KEYS if old.get(k) != fresh[k]}
+        if diff:
+            raise SvdpressError(f"{out} holds runs of other settings (stored, this run: {diff}); pass another "
+                                "--out, run with its settings to resume it, or --fresh to start over")
+        print(f"{out}: resuming, {len(old['results'])} run(s) kept")
+        return old
     return fresh
 
 
@@ -253,11 +259,14 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     progress = not a.no_progress
     device = resolve_device(a.device)
-    texts = csv(a.ppl)
+    texts = list(csv(a.ppl))
     try:  # bad settings fail before anything is compressed
         heal_opts = parse_opts(a.heal)
-        HealConfig.from_options(heal_opts).validate()
+        for mode in csv(a.modes) or ["(none given)"]:
+            HealConfig.from_options({**heal_opts, "mode": mode}).validate()
         alloc_opts = parse_method_opts(a.opt)
+        EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit, tasks=tuple(csv(a.tasks)),
+                   task_limit=a.task_limit).validate()
     except SvdpressError as e:
         raise SystemExit(str(e)) from None
     out = Path(a.out)
@@ -266,8 +275,11 @@ def main(argv=None) -> int:
     fresh: dict[str, Any] = {"model": a.model, "device": device, "ppl_texts": texts, "heal_options": heal_opts,
                              "allocation_options": alloc_opts, "protocol": __doc__.split("Protocol: ")[1].strip(),
                              "eval": f"{', '.join(texts)} second halves, {a.limit} tokens, seqlen {a.seqlen}",
-                             "tasks": csv(a.tasks), "task_limit": a.task_limit, "results": []}
-    doc = resume(out, fresh)
+                             "tasks": list(csv(a.tasks)), "task_limit": a.task_limit, "results": []}
+    try:
+        doc = resume(out, fresh) if not a.fresh else fresh
+    except SvdpressError as e:
+        raise SystemExit(str(e)) from None
     if not a.no_dense and "dense_ppl" not in doc:
         dense = svdpress.evaluate(a.model, EvalConfig(ppl=tuple(texts), seqlen=a.seqlen, limit=a.limit), device=device)
         doc["dense_ppl"] = {t: v["ppl"] for t, v in dense["ppl"].items()}
@@ -277,9 +289,9 @@ def main(argv=None) -> int:
         doc["answer"] = answer(doc["results"], a.target_ppl, texts[0])
         write_json(out, doc)
 
-    for fac in csv(a.factorize):
-        for ratio in (float(r) for r in csv(a.ratios)):
-            for start in csv(a.starts):
+    for fac in a.factorize:
+        for ratio in a.ratios:
+            for start in a.starts:
                 modes = [m for m in csv(a.modes) if (fac, ratio, start, m) not in done]
                 if not modes:
                     continue

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from svdpress.allocate import AllocationProblem, allocate  # noqa: E402
+from svdpress.cli import names_in, positive_int, ratio_list  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
-from svdpress.data import calibration_samples  # noqa: E402
+from svdpress.data import calibration_samples, check_sources  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import find_targets, load_model  # noqa: E402
@@ -39,10 +41,6 @@ from svdpress.table import table  # noqa: E402
 METHODS = "svd,asvd,fwsvd,svd-llm,svd-llm-v2,kfac,gfwsvd"
 
 
-def floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
 def names(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -50,15 +48,15 @@ def names(s: str) -> list[str]:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--methods", type=names, default=names(METHODS))
-    p.add_argument("--ratios", type=floats, default=[0.9, 0.8, 0.7, 0.6])
+    p.add_argument("--methods", type=names_in(FACTORIZERS, "factorizer"), default=METHODS)
+    p.add_argument("--ratios", type=ratio_list, default="0.9,0.8,0.7,0.6")
     p.add_argument("--texts", type=names, default=["wiki", "c4"])
-    p.add_argument("--limit", type=int, default=8192, help="evaluation tokens per text")
-    p.add_argument("--seqlen", type=int, default=1024, help="evaluation window")
+    p.add_argument("--limit", type=positive_int, default=8192, help="evaluation tokens per text")
+    p.add_argument("--seqlen", type=positive_int, default=1024, help="evaluation window")
     p.add_argument("--calib", default="wiki")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4, help="calibration batch (forward and backward)")
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="calibration batch (forward and backward)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "results" / "stats-cache"))
@@ -148,8 +146,11 @@ def plot(res: dict, a, path: Path) -> None:
 
 def main(argv=None) -> int:
     a = parse(argv)
-    for m in a.methods:
-        FACTORIZERS[m]  # unknown names fail before any work
+    try:  # texts and numbers before any work
+        EvalConfig(ppl=tuple(a.texts), seqlen=a.seqlen, limit=a.limit).validate()
+        check_sources(a.calib)
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     device = resolve_device(a.device)
     torch.manual_seed(a.seed)
     model, tok, src = load_model(a.model, torch.float32, "cpu")

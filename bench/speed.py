@@ -43,7 +43,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from svdpress.cli import positive_int, ratio_list  # noqa: E402
 from svdpress.config import resolve_device, torch_dtype  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -275,15 +277,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a random-weight model of this published shape instead of --model (implies --factorize random)")
     p.add_argument("--models", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="saved compressed model directories to measure instead of building variants")
-    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 0.6])
+    p.add_argument("--ratios", type=ratio_list, default="0.8,0.6")
     p.add_argument("--factorize", default="svd-llm",
                    help="a factorizer, or `random`: Gaussian factors, for speed on large random-weight shapes")
     p.add_argument("--allocate", default="uniform")
     p.add_argument("--no-pivga", dest="pivga", action="store_false")
     p.add_argument("--calib", default="wiki")
-    p.add_argument("--calib-samples", type=int, default=8,
+    p.add_argument("--calib-samples", type=positive_int, default=8,
                    help="speed does not depend on the factor values; few samples keep the one calibration short")
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--prefill", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x],
                    default=[(1, 512), (8, 512), (1, 4096)], help="BATCHxSEQLEN,... (empty string: skip)")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding steps (0: skip)")
@@ -292,8 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache for decoding")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (falls back with a warning)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="float32 | float16/fp16 | bfloat16/bf16 (default: bf16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -309,9 +311,18 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
-    dtype_name = DTYPE_ALIASES.get(a.dtype, a.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = torch_dtype(dtype_name)
+    try:  # the methods, device and dtype before any model is built
+        from svdpress.allocate import check_options
+        from svdpress.factorize import FACTORIZERS
+
+        if a.factorize != "random" and not a.shape:
+            FACTORIZERS[a.factorize]
+        check_options(a.allocate, {})
+        device = resolve_device(a.device)
+        dtype_name = DTYPE_ALIASES.get(a.dtype, a.dtype) or ("bfloat16" if device.startswith("cuda") else "float32")
+        dtype = torch_dtype(dtype_name)
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     a.build_dtype = dtype  # --shape models are built on the device in the measured dtype (an 8B in fp32 is 32 GB)
     torch.manual_seed(0)
     variants, info = build_variants(a, device)

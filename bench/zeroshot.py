@@ -3,8 +3,8 @@
     python bench/zeroshot.py --limit 100 --device auto
     python bench/zeroshot.py --methods dense,svd-llm:uniform,svd-llm:fermigrad --ratio 0.8 --limit 0   # full sets
 
-A method is `factorize:allocate`; `dense` is the original. An allocator that is not registered (e.g. fermigrad
-before it is merged) is skipped with a note. Prints a table and writes JSON (bench/results/zeroshot.json);
+A method is `factorize:allocate`; `dense` is the original. Every method, the ratio and the tasks are checked
+before the first model is loaded: an unknown name is one line naming the registered ones. Prints a table and writes JSON (bench/results/zeroshot.json);
 the JSON is rewritten after every model so a long run keeps what it finished.
 """
 
@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from svdpress.allocate import ALLOCATORS
+from svdpress.cli import csv
 from svdpress.config import CompressConfig, EvalConfig, resolve_device
+from svdpress.errors import SvdpressError
 from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
-from svdpress.factorize import FACTORIZERS
 from svdpress.models import load_model
 from svdpress.params import model_params
 from svdpress.pipeline import compress, evaluate_model
@@ -47,12 +47,18 @@ def parse_args() -> argparse.Namespace:
 
 def eval_config(a: argparse.Namespace) -> EvalConfig:
     return EvalConfig(ppl=("wiki",) if a.ppl_tokens else (), seqlen=1024, limit=a.ppl_tokens or None,
-                      tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit or None,
+                      tasks=csv(a.tasks), task_limit=a.limit or None,
                       batch_size=a.batch_size, seed=a.seed, task_source=a.task_source)
 
 
-def run_method(method: str, a: argparse.Namespace, device: str) -> dict | None:
-    """Evaluate one model; None (with a note) when the method is not available in this install."""
+def compress_config(method: str, a: argparse.Namespace, device: str) -> CompressConfig:
+    fac, alloc = method.split(":", 1) if ":" in method else (method, "uniform")
+    return CompressConfig(model=a.model, factorize=fac, allocate=alloc, ratio=a.ratio, calib_samples=a.calib_samples,
+                          calib_seqlen=a.calib_seqlen, seed=a.seed, device=device, eval=eval_config(a))
+
+
+def run_method(method: str, a: argparse.Namespace, device: str) -> dict:
+    """Evaluate one model: the dense one, or the method's compression of it."""
     t0 = time.perf_counter()
     if method == "dense":
         model, tok, _ = load_model(a.model)
@@ -60,14 +66,7 @@ def run_method(method: str, a: argparse.Namespace, device: str) -> dict | None:
         params = model_params(model)
         return {"method": "dense", "ratio": 1.0, "model_params": params, "model_ratio": 1.0, "eval": ev,
                 "seconds": time.perf_counter() - t0}
-    fac, alloc = method.split(":") if ":" in method else (method, "uniform")
-    if fac not in FACTORIZERS or alloc not in ALLOCATORS:
-        print(f"skipping {method}: not registered here (factorizers {FACTORIZERS.names()}, "
-              f"allocators {ALLOCATORS.names()})")
-        return None
-    cfg = CompressConfig(model=a.model, factorize=fac, allocate=alloc, ratio=a.ratio, calib_samples=a.calib_samples,
-                         calib_seqlen=a.calib_seqlen, seed=a.seed, device=device, eval=eval_config(a))
-    _, rep = compress(None, cfg)
+    _, rep = compress(None, compress_config(method, a, device))
     return {"method": method, "ratio": a.ratio, "model_params": rep["params"]["model_compressed"],
             "model_ratio": rep["params"]["model_ratio"], "linear_ratio": rep["params"]["linear_ratio"],
             "eval": rep["eval"], "seconds": time.perf_counter() - t0}
@@ -92,13 +91,21 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
-    tasks = [t for t in a.tasks.split(",") if t]
+    tasks, methods = list(csv(a.tasks)), list(csv(a.methods))
+    try:  # every method, the ratio, the tasks and the numbers before the first model is loaded
+        if a.limit < 0 or a.ppl_tokens < 0 or a.threads < 0:
+            raise SvdpressError("--limit, --ppl-tokens and --threads must be ≥ 0 (0: the full sets, no perplexity, "
+                                "torch's default)")
+        eval_config(a).validate()
+        for method in methods:
+            if method != "dense":
+                compress_config(method, a, device).validate()
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     rows: list[dict] = []
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    for method in a.methods.split(","):
-        r = run_method(method.strip(), a, device)
-        if r is None:
-            continue
+    for method in methods:
+        r = run_method(method, a, device)
         rows.append(r)
         doc = {"settings": {**vars(a), "out": str(a.out), "device": device}, "rows": rows}
         a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")

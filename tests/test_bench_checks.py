@@ -260,20 +260,45 @@ def test_bench_arguments_are_checked_before_any_work(capsys):
     after the model is loaded."""
     import pytest
 
-    mx, al = _bench("matrix"), _bench("allocation")
-    bad = [(mx, ["--factorizers", "svd,kfc"], "unknown factorizer: kfc; registered: asvd"),
-           (mx, ["--allocators", "lems,nope"], "unknown allocator: nope"),
-           (mx, ["--ratios", "0.8,x"], "--ratios: comma-separated numbers in (0, 1]"),
-           (mx, ["--ratios", "1.5"], "got '1.5'"),
-           (mx, ["--ratios", ","], "got ','"),
-           (mx, ["--limit", "-3"], "--limit: an integer ≥ 1"),
-           (mx, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
-           (al, ["--methods", "uniform,fermigard"], "unknown allocator: fermigard"),
-           (al, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]")]
-    for mod, argv, msg in bad:
+    mx, al, q, h, sp = _bench("matrix"), _bench("allocation"), _bench("quality"), _bench("heal"), _bench("speed")
+    bad = [(q.parse, ["--methods", "svd-llm,kfca"], "unknown factorizer: kfca"),
+           (q.parse, ["--ratios", "0.8,2"], "--ratios: comma-separated numbers in (0, 1]"),
+           (h.parse_args, ["--starts", "uniform,fermi"], "unknown allocator: fermi"),
+           (h.parse_args, ["--ratios", "x"], "--ratios"),
+           (sp.parse_args, ["--ratios", "3"], "--ratios"),
+           (sp.parse_args, ["--repeats", "0"], "--repeats: an integer ≥ 1"),
+           (mx.parse_args, ["--factorizers", "svd,kfc"], "unknown factorizer: kfc; registered: asvd"),
+           (mx.parse_args, ["--allocators", "lems,nope"], "unknown allocator: nope"),
+           (mx.parse_args, ["--ratios", "0.8,x"], "--ratios: comma-separated numbers in (0, 1]"),
+           (mx.parse_args, ["--ratios", "1.5"], "got '1.5'"),
+           (mx.parse_args, ["--ratios", ","], "got ','"),
+           (mx.parse_args, ["--limit", "-3"], "--limit: an integer ≥ 1"),
+           (mx.parse_args, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
+           (al.parse_args, ["--methods", "uniform,fermigard"], "unknown allocator: fermigard"),
+           (al.parse_args, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]")]
+    for parse, argv, msg in bad:
         with pytest.raises(SystemExit) as e:
-            mod.parse_args(argv)
+            parse(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
     a = mx.parse_args(["--factorizers", "kfac, svd", "--ratios", "0.9,1", "--limit", "16"])
     assert (a.factorizers, a.allocators[:2], a.ratios, a.limit) == (["kfac", "svd"], ["uniform", "svd-llm-v2"],
                                                                     [0.9, 1.0], 16)
+
+
+def test_heal_bench_refuses_a_file_of_other_settings(tmp_path):
+    """A rerun of the heal sweep with one flag changed must not overwrite hours of stored runs."""
+    import pytest
+
+    from svdpress.errors import SvdpressError
+
+    h = _bench("heal")
+    fresh = {k: None for k in h.RESUME_KEYS} | {"results": []}
+    out = tmp_path / "heal.json"
+    assert h.resume(out, fresh) is fresh  # no file: a fresh document
+    out.write_text('{"results": [{"mode": "factors"}], ' + ", ".join(f'"{k}": null' for k in h.RESUME_KEYS) + "}")
+    assert h.resume(out, fresh)["results"] == [{"mode": "factors"}]  # same settings: resumed
+    with pytest.raises(SvdpressError, match="other settings.*'model': \\(None, 'x'\\).*--fresh"):
+        h.resume(out, fresh | {"model": "x"})
+    out.write_text("not json")
+    with pytest.raises(SvdpressError, match="not this bench's JSON"):
+        h.resume(out, fresh)
