@@ -49,7 +49,8 @@ def protocol_args(p: argparse.ArgumentParser) -> None:
     """The options of the shared protocol (also bench/pivga_budget.py's)."""
     p.add_argument("--model", default="default")
     p.add_argument("--factorize", default="svd-llm")
-    p.add_argument("--rank-multiple", type=positive_int, default=1, help="for every method (lems uses 16 when this is 1)")
+    p.add_argument("--rank-multiple", type=positive_int, default=1,
+                   help="for every method (lems uses 16 when this is 1)")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
     p.add_argument("--calib-samples", type=positive_int, default=32)
     p.add_argument("--calib-seqlen", type=positive_int, default=512)

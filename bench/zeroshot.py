@@ -4,14 +4,13 @@
     python bench/zeroshot.py --methods dense,svd-llm:uniform,svd-llm:fermigrad --ratio 0.8 --limit 0   # full sets
 
 A method is `factorize:allocate`; `dense` is the original. Every method, the ratio and the tasks are checked
-before the first model is loaded: an unknown name is one line naming the registered ones. Prints a table and writes JSON (bench/results/zeroshot.json);
-the JSON is rewritten after every model so a long run keeps what it finished.
+before the first model is loaded: an unknown name is one line naming the registered ones. Prints a table and
+writes JSON (bench/results/zeroshot.json), rewritten after every model so a long run keeps what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from svdpress.cli import csv
 from svdpress.config import CompressConfig, EvalConfig, resolve_device
 from svdpress.errors import SvdpressError
 from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
+from svdpress.export import write_json
 from svdpress.models import load_model
 from svdpress.params import model_params
 from svdpress.pipeline import compress, evaluate_model
@@ -86,29 +86,29 @@ def render(rows: list[dict], tasks: list[str]) -> str:
 
 def main() -> None:
     a = parse_args()
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
     tasks, methods = list(csv(a.tasks)), list(csv(a.methods))
     try:  # every method, the ratio, the tasks and the numbers before the first model is loaded
         if a.limit < 0 or a.ppl_tokens < 0 or a.threads < 0:
             raise SvdpressError("--limit, --ppl-tokens and --threads must be ≥ 0 (0: the full sets, no perplexity, "
                                 "torch's default)")
+        device = resolve_device(a.device)
         eval_config(a).validate()
         for method in methods:
             if method != "dense":
                 compress_config(method, a, device).validate()
     except SvdpressError as e:
         raise SystemExit(f"error: {e}") from None
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     rows: list[dict] = []
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         r = run_method(method, a, device)
         rows.append(r)
         doc = {"settings": {**vars(a), "out": str(a.out), "device": device}, "rows": rows}
-        a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        write_json(a.out, doc)  # atomic: a crash keeps every finished model
         print(render(rows, tasks), flush=True)
     splits = {t: res["split"] for r in rows for t, res in r["eval"].get("tasks", {}).items()}
     print(f"\nlimit {a.limit or 'full'} per task; splits {splits}; device {device}\nwrote {a.out}")
