@@ -27,7 +27,6 @@ Random tiny models are a weak proxy for trained ones (GPT-2's initialization, st
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -43,7 +42,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 import svdpress  # noqa: E402
+from svdpress.cli import kept_ratio, method_pair  # noqa: E402
 from svdpress.config import CompressConfig  # noqa: E402
+from svdpress.export import write_json  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 
@@ -52,9 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES), help="comma list of model types")
-    p.add_argument("--method", default="svd-llm+uniform", help="FACTORIZE+ALLOCATE")
+    p.add_argument("--method", type=method_pair, default="svd-llm+uniform", help="FACTORIZE+ALLOCATE")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="allocation method setting")
-    p.add_argument("--ratio", type=float, default=0.6)
+    p.add_argument("--ratio", type=kept_ratio, default=0.6)
     p.add_argument("--pivga", action="store_true")
     p.add_argument("--split-fused", action="store_true")
     p.add_argument("--lm-head", action="store_true", help="also factor untied LM heads")
@@ -135,8 +136,8 @@ def compare_fused(a: argparse.Namespace, tokenizer, text_file: str) -> int:
                 ["family", "fused kept", "fused KL", "split kept", "split KL"]))
     out = Path(a.out).with_name("architectures_fused.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "architectures --compare-fused", "settings": vars(a) | {"out": str(out)},
-                               "results": rows}, indent=1) + "\n")
+    write_json(out, {"bench": "architectures --compare-fused", "settings": vars(a) | {"out": str(out)},
+                     "results": rows})
     print(f"\nwritten {out}")
     return 0
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
            "transformers": __import__("transformers").__version__, "machine": platform.machine(),
            "threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "settings": {k: v for k, v in vars(a).items() if k != "out"}, "results": rows}
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(out, doc)
     print(f"\nwritten {out}")
     return 0 if all(r["round_trip"] == "ok" for r in rows) else 1
 

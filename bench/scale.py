@@ -47,6 +47,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from svdpress.cli import kept_ratio, method_pair  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
@@ -908,7 +909,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--calib", default="wiki")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--ratio", type=float, default=0.8)
+    p.add_argument("--ratio", type=kept_ratio, default=0.8)
     p.add_argument("--opt", action="append", default=[], metavar="ALLOC:KEY=VALUE",
                    help="replace an allocator's small settings, e.g. fermigrad:steps=4 (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
@@ -963,14 +964,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _save(a.out, res)
 
     if not a.report:
-        models = [m for m in a.models.split(",") if m]
-        methods = [m for m in a.methods.split(",") if m]
-        for m in models:
-            if m not in MODELS:
-                p.error(f"unknown model {m}; choose from {', '.join(MODELS)}")
-        for m in methods:
-            if "+" not in m:
-                p.error(f"--methods takes FACTORIZE+ALLOCATE, got {m}")
+        models, methods = runs_asked(a, p)
         a.models_dir.mkdir(parents=True, exist_ok=True)
         results_dir = a.out.parent
         logs = results_dir / "logs"
@@ -1018,6 +1012,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def runs_asked(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """--models and --methods, every name checked before a model is built."""
+    models = [m for m in a.models.split(",") if m]
+    methods = [m for m in a.methods.split(",") if m]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"unknown model {m}; choose from {', '.join(MODELS)}")
+    for m in methods:
+        try:
+            method_pair(m)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--methods: {e}")
+    return models, methods
+
+
 def main_nproc(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if a.nproc < 1:
         p.error("--nproc must be at least 1")
@@ -1025,11 +1034,7 @@ def main_nproc(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     a.calib_batch_size = a.calib_batch_size or max(1, a.calib_samples // a.nproc)
     res = {"runs": []} if (a.fresh or not a.nproc_out.is_file()) else json.loads(a.nproc_out.read_text())
     if not a.report:
-        models = [m for m in a.models.split(",") if m]
-        methods = [m for m in a.methods.split(",") if m]
-        for m in models:
-            if m not in MODELS:
-                p.error(f"unknown model {m}; choose from {', '.join(MODELS)}")
+        models, methods = runs_asked(a, p)
         a.models_dir.mkdir(parents=True, exist_ok=True)
         a.nproc_work.mkdir(parents=True, exist_ok=True)
         logs = a.nproc_out.parent / "logs"

@@ -53,6 +53,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from svdpress.cli import kept_ratio  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
@@ -498,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=("gemma3", "llama"), default="gemma3")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--ratio", type=float, default=0.8)
+    p.add_argument("--ratio", type=kept_ratio, default=0.8)
     p.add_argument("--calib-samples", type=int, default=None,
                    help="override the default 32 (recorded in the run's name)")
     p.add_argument("--offload", choices=("none", "cpu", "disk"), default=None,
@@ -513,6 +514,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile-child", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in methods:  # before the model is built and profiled
+        if m not in METHODS:
+            p.error(f"unknown method {m}; choose from {', '.join(METHODS)}")
     model_dir = a.models_dir / f"{a.arch}-270m-shape"
 
     if a.build_only:  # subprocess: the model is built and saved, then this process exits with its memory
@@ -549,9 +554,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"bound {bound_mb} MB", flush=True)
 
     if not a.probe_profile_only:
-        for m in [m.strip() for m in a.methods.split(",") if m.strip()]:
-            if m not in METHODS:
-                p.error(f"unknown method {m}; choose from {', '.join(METHODS)}")
+        for m in methods:
             rec = run_one(m, model_dir, work, logs, a)
             rec["calib_samples_override"] = a.calib_samples
             rec["offload_override"] = a.offload

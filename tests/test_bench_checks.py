@@ -261,7 +261,11 @@ def test_bench_arguments_are_checked_before_any_work(capsys):
     import pytest
 
     mx, al, q, h, sp = _bench("matrix"), _bench("allocation"), _bench("quality"), _bench("heal"), _bench("speed")
-    bad = [(q.parse, ["--methods", "svd-llm,kfca"], "unknown factorizer: kfca"),
+    ar = _bench("architectures")
+    bad = [(ar.parse_args, ["--method", "svdd+uniform"], "unknown factorizer: svdd"),
+           (ar.parse_args, ["--method", "svd-llm"], "FACTORIZE+ALLOCATE, e.g. svd-llm+uniform; got 'svd-llm'"),
+           (ar.parse_args, ["--ratio", "nan"], "--ratio: a number in (0, 1], got 'nan'"),
+           (q.parse, ["--methods", "svd-llm,kfca"], "unknown factorizer: kfca"),
            (q.parse, ["--ratios", "0.8,2"], "--ratios: comma-separated numbers in (0, 1]"),
            (h.parse_args, ["--starts", "uniform,fermi"], "unknown allocator: fermi"),
            (h.parse_args, ["--ratios", "x"], "--ratios"),

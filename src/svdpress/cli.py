@@ -27,15 +27,39 @@ def csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def kept_ratio(s: str) -> float:
+    """argparse type of --ratio: one kept fraction in (0, 1] (nan fails the comparison too)."""
+    try:
+        r = float(s)
+    except ValueError:
+        r = float("nan")
+    if not 0 < r <= 1:
+        raise argparse.ArgumentTypeError(f"a number in (0, 1], got {s!r}")
+    return r
+
+
 def ratio_list(s: str) -> list[float]:
     """argparse type of --ratios: comma-separated kept fractions, each in (0, 1]."""
     try:
-        ratios = [float(x) for x in csv(s)]
-    except ValueError:
+        ratios = [kept_ratio(x) for x in csv(s)]
+    except argparse.ArgumentTypeError:
         ratios = []
-    if not ratios or not all(0 < r <= 1 for r in ratios):
+    if not ratios:
         raise argparse.ArgumentTypeError(f"comma-separated numbers in (0, 1], got {s!r}")
     return ratios
+
+
+def method_pair(s: str) -> str:
+    """argparse type of a FACTORIZE+ALLOCATE method, both names registered."""
+    from .allocate import ALLOCATORS
+    from .factorize import FACTORIZERS
+
+    fac, plus, alloc = s.partition("+")
+    if not plus:
+        raise argparse.ArgumentTypeError(f"FACTORIZE+ALLOCATE, e.g. svd-llm+uniform; got {s!r}")
+    names_in(FACTORIZERS, "factorizer")(fac)
+    names_in(ALLOCATORS, "allocator")(alloc)
+    return s
 
 
 def names_in(registry, what: str) -> Callable[[str], list[str]]:
