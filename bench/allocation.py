@@ -18,7 +18,6 @@ bench/pivga_budget.py compares that with PivGa applied after a classical allocat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import write_json  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                    "ppl": ppl, "search_s": float(alloc.info.get("search_s", wall)), "wall_s": round(wall, 2),
                    "info": alloc.info, "ranks": alloc.ranks}
             doc["results"].append(row)
-            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            write_json(out, doc)
             print(f"{m:>15} @ {ratio}: ppl {ppl:.2f} (achieved {row['achieved']:.4f}, search {row['search_s']:.1f}s)",
                   flush=True)
     rows = []

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import parse_method_opts  # noqa: E402
+from svdpress.cli import kept_ratio, parse_method_opts, positive_int  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, resolve_device  # noqa: E402
 from svdpress.data.text import check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.zeroshot import average_acc  # noqa: E402
-from svdpress.export import read_json, write_json  # noqa: E402
+from svdpress.export import as_read_back, read_json, write_json  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
 from svdpress.pipeline import compress, evaluate_model  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -58,18 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="default")
     p.add_argument("--factorize", default="svd-llm")
     p.add_argument("--allocators", default="uniform,fermigrad")
-    p.add_argument("--ratio", type=float, default=0.8)
+    p.add_argument("--ratio", type=kept_ratio, default=0.8)
     p.add_argument("--sources", default=SOURCES,
                    help="calibration sources, comma list; a mixture's entries joined by + (wiki:0.5+code:0.5)")
     p.add_argument("--texts", default="wiki,c4,code,multilingual,technical,task:mmlu",
                    help="texts whose held-out second half is scored")
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method's option")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--limit", type=int, default=8192, help="perplexity tokens per text")
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--seqlen", type=positive_int, default=1024)
+    p.add_argument("--limit", type=positive_int, default=8192, help="perplexity tokens per text")
     p.add_argument("--tasks", default="", help="zero-shot tasks (comma list)")
-    p.add_argument("--task-limit", type=int, default=200)
+    p.add_argument("--task-limit", type=positive_int, default=200)
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default="/tmp/svdpress-calibration-bench")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_data.json"))
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
              "protocol": f"calibration {a.calib_samples}x{a.calib_seqlen} tokens of each source's first half "
                          f"(seed 0); perplexity on {a.limit} tokens of each text's second half, seqlen {a.seqlen}"}
     if opts:  # absent when none are given, as in the runs stored before options were recorded
-        setup["options"] = json.loads(json.dumps(opts, sort_keys=True))
+        setup["options"] = as_read_back(opts)
     try:
         doc = resume(out, setup) if not a.fresh else {}
     except SvdpressError as e:

@@ -24,7 +24,6 @@ with the same settings keeps the runs the file holds and does only the missing o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -36,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import svdpress  # noqa: E402
 from svdpress.allocate import ALLOCATORS  # noqa: E402
-from svdpress.cli import csv, names_in, parse_method_opts, parse_opts, ratio_list  # noqa: E402
+from svdpress.cli import (csv, names_in, parse_method_opts, parse_opts, positive_int, positive_number,  # noqa: E402
+                          ratio_list)
 from svdpress.config import CompressConfig, EvalConfig, HealConfig, resolve_device  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.perplexity import text_perplexity  # noqa: E402
@@ -59,15 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an allocation method's option, e.g. fermigrad.steps=300")
     p.add_argument("--ppl", default="wiki,c4", help="texts whose held-out half is scored")
-    p.add_argument("--ppl-every", type=int, default=50, help="perplexity every N steps (a multiple of eval_every)")
-    p.add_argument("--limit", type=int, default=8192, help="perplexity tokens per text")
-    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
+    p.add_argument("--ppl-every", type=positive_int, default=50,
+                   help="perplexity every N steps (a multiple of eval_every)")
+    p.add_argument("--limit", type=positive_int, default=8192, help="perplexity tokens per text")
+    p.add_argument("--seqlen", type=positive_int, default=1024, help="perplexity window")
     p.add_argument("--tasks", default="", help="zero-shot tasks scored before and after healing (comma list)")
-    p.add_argument("--task-limit", type=int, default=200)
-    p.add_argument("--target-ppl", type=float, default=None,
+    p.add_argument("--task-limit", type=positive_int, default=200)
+    p.add_argument("--target-ppl", type=positive_number, default=None,
                    help="wiki perplexity for 'steps to reach' (default: the worst final one among the starts)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-samples", type=positive_int, default=32)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="/tmp/svdpress-heal-bench", help="compressed starts and statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
@@ -222,8 +223,12 @@ def tasks_before(a, path: str, device: str) -> dict:
     spec = {"tasks": list(csv(a.tasks)), "task_limit": a.task_limit}
     f = Path(path) / "bench_tasks_before.json"
     if f.is_file():
-        got = json.loads(f.read_text())
-        if got.get("spec") == spec:
+        try:
+            got = read_json(f, "a cache of zero-shot results")
+        except SvdpressError as e:  # a cache: a damaged one is measured again, not fatal
+            print(f"note: {e}; measuring again", file=sys.stderr)
+            got = {}
+        if isinstance(got, dict) and got.get("spec") == spec and "tasks" in got:
             return got["tasks"]
     ev = svdpress.evaluate(path, EvalConfig(ppl=(), tasks=tuple(spec["tasks"]), task_limit=a.task_limit),
                            device=device)

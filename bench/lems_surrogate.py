@@ -25,7 +25,6 @@ measured here are kept in --out's directory (lems_surrogate-probes/). Writes ben
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path

@@ -50,7 +50,7 @@ from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
-from svdpress.export import read_json, write_json  # noqa: E402
+from svdpress.export import as_read_back, read_json, write_json  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
@@ -102,7 +102,7 @@ def protocol(a, opts: dict) -> dict:
              "eval": f"second half of {', '.join(TEXTS)}: {a.limit} tokens each, seqlen {a.seqlen}",
              "rank_multiple": a.rank_multiple}
     if opts:
-        proto["options"] = json.loads(json.dumps(opts, sort_keys=True))  # as it reads back from the JSON
+        proto["options"] = as_read_back(opts)  # as it reads back from the JSON
     return proto
 
 

@@ -22,7 +22,6 @@ Writes the JSON after every row (default bench/results/pivga_budget.json) and pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from svdpress.cli import names_in, parse_method_opts, ratio_list  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import as_read_back, read_json, write_json  # noqa: E402
 from svdpress.lowrank import set_module  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import load_model  # noqa: E402
@@ -127,14 +127,25 @@ class Bench:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    b = Bench(a)
     out = Path(a.out)
+    setup = {"model": a.model, "factorize": a.factorize,
+             "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
+             "eval": f"wiki second half, {a.limit} tokens, seqlen {a.seqlen}",
+             "rank_multiple": a.rank_multiple, "options": a.options}
+    done: dict[str, Any] = {}
+    if a.resume and out.is_file():  # read and checked before the model is loaded: rows of other settings never mix
+        try:
+            done = read_json(out, "this bench's JSON (pass another --out, or leave out --resume)")
+        except SvdpressError as e:
+            raise SystemExit(f"error: {e}") from None
+        differ = [k for k, v in setup.items() if as_read_back(v) != (done.get(k) if isinstance(done, dict) else None)]
+        if differ:
+            raise SystemExit(f"error: {out} holds results of other settings ({', '.join(differ)} differ): "
+                             "pass another --out, or leave out --resume to start over")
+    b = Bench(a)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
-        "model": a.model, "factorize": a.factorize, "device": b.device,
-        "calibration": f"wiki first half, {a.calib_samples}x{a.calib_seqlen}, seed 0",
-        "eval": f"wiki second half, {a.limit} tokens, seqlen {a.seqlen}",
-        "factorize_s": round(b.factor_s, 1), "rank_multiple": a.rank_multiple, "options": a.options,
+        **setup, "device": b.device, "factorize_s": round(b.factor_s, 1),
         "linear_dense": b.dense,
         "build": {"pivga": "gauge-fixed, parameters counted from the built modules",
                   "svd": "LowRankLinear (PivGa is lossless: same outputs), counted by layer_params(..., pivga=True)"},
@@ -142,8 +153,7 @@ def main(argv=None) -> int:
                     "at R'; both built gauge-fixed and counted from the built modules",
         "results": [],
     }
-    if a.resume and out.is_file():
-        done = json.loads(out.read_text())
+    if done:
         doc["results"] = [{"build": "pivga", **r} for r in done["results"]]  # rows say how they were built
         doc.update({k: done[k] for k in ("dense_ppl",) if k in done})
     if not a.no_dense and "dense_ppl" not in doc:
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
                    "info": {"after": alloc_c.info, "aware": alloc_p.info}}
             row["matched"] = abs(row["params_diff"]) <= MATCH_TOL
             doc["results"].append(row)
-            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            write_json(out, doc)
             print(f"{m:>10} @ {ratio}: after {after['ppl']:.2f} ({after['achieved']:.4f}), aware {aware['ppl']:.2f} "
                   f"({aware['achieved']:.4f}), ratio {row['ppl_ratio']:.3f}", flush=True)
     rows = [[r["method"], r["ratio"], f"{r['after']['achieved']:.4f}", f"{r['aware']['achieved']:.4f}",

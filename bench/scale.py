@@ -47,7 +47,9 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, method_pair  # noqa: E402
+from svdpress.cli import kept_ratio, method_pair, positive_int, positive_number  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
@@ -907,12 +909,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-memory", default=None, help="default cpu=1.5GiB on CPU, cuda:0=24GiB on CUDA")
     p.add_argument("--offload-dir", default=None)
     p.add_argument("--calib", default="wiki")
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--calib-samples", type=positive_int, default=8)
+    p.add_argument("--calib-seqlen", type=positive_int, default=256)
     p.add_argument("--ratio", type=kept_ratio, default=0.8)
     p.add_argument("--opt", action="append", default=[], metavar="ALLOC:KEY=VALUE",
                    help="replace an allocator's small settings, e.g. fermigrad:steps=4 (repeatable)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    p.add_argument("--timeout", type=positive_number, default=None, help="seconds per run")
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="run with MALLOC_MMAP_THRESHOLD_=BYTES (glibc then returns every freed block above it to the "
                         "OS: RSS follows live memory, which validates the memory model; default: glibc as is)")
@@ -930,10 +932,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fresh", action="store_true", help="start --out afresh instead of merging")
     p.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
                    help="add the runs of these result files (same format) to --out")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
+    p.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                    help="scaling over processes instead of memory: each (model, method) under torchrun with 1, 2, "
                         "4, ... N processes (gloo on CPU, nccl on GPUs); wall seconds per stage -> --nproc-out")
-    p.add_argument("--calib-batch-size", type=int, default=None,
+    p.add_argument("--calib-batch-size", type=positive_int, default=None,
                    help="--nproc: calibration batch (default calib-samples / N, so that every process has one)")
     p.add_argument("--nproc-out", type=Path, default=ROOT / "bench" / "results" / "scale_nproc.json")
     p.add_argument("--nproc-work", type=Path, default=Path("/tmp/svdpress-nproc"),
@@ -1028,11 +1030,13 @@ def runs_asked(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[list[
 
 
 def main_nproc(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    if a.nproc < 1:
-        p.error("--nproc must be at least 1")
     # every process needs a batch of its own: the same batches for every process count (so the sums are the same)
     a.calib_batch_size = a.calib_batch_size or max(1, a.calib_samples // a.nproc)
-    res = {"runs": []} if (a.fresh or not a.nproc_out.is_file()) else json.loads(a.nproc_out.read_text())
+    try:
+        res = {"runs": []} if (a.fresh or not a.nproc_out.is_file()) else \
+            read_json(a.nproc_out, "this bench's --nproc JSON (pass another --nproc-out or --fresh)")
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     if not a.report:
         models, methods = runs_asked(a, p)
         a.models_dir.mkdir(parents=True, exist_ok=True)

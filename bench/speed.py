@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import threading
@@ -43,9 +42,10 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from svdpress.cli import positive_int, ratio_list  # noqa: E402
+from svdpress.cli import count_list, count_or_zero, positive_int, ratio_list, shape_list  # noqa: E402
 from svdpress.config import resolve_device, torch_dtype  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import write_json  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -286,10 +286,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=positive_int, default=8,
                    help="speed does not depend on the factor values; few samples keep the one calibration short")
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
-    p.add_argument("--prefill", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",") if x],
-                   default=[(1, 512), (8, 512), (1, 4096)], help="BATCHxSEQLEN,... (empty string: skip)")
-    p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding steps (0: skip)")
-    p.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[1],
+    p.add_argument("--prefill", type=shape_list, default=[(1, 512), (8, 512), (1, 4096)],
+                   help="BATCHxSEQLEN,... (empty string: skip)")
+    p.add_argument("--new-tokens", type=count_or_zero, default=128, help="greedy decoding steps (0: skip)")
+    p.add_argument("--decode-batches", type=count_list, default=[1],
                    help="decode batch sizes, e.g. 1,16")
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache for decoding")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (falls back with a warning)")
@@ -298,7 +298,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="float32 | float16/fp16 | bfloat16/bf16 (default: bf16 on GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", default="bench/results/speed.json")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     add_ratios(doc)
     print(render(doc))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(Path(a.json), doc)
     print(f"\nwrote {a.json}")
     return 0
 

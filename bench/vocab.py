@@ -53,7 +53,9 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio  # noqa: E402
+from svdpress.cli import kept_ratio, positive_int, positive_number  # noqa: E402
+from svdpress.errors import SvdpressError  # noqa: E402
+from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
@@ -500,13 +502,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--arch", choices=("gemma3", "llama"), default="gemma3")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--ratio", type=kept_ratio, default=0.8)
-    p.add_argument("--calib-samples", type=int, default=None,
+    p.add_argument("--calib-samples", type=positive_int, default=None,
                    help="override the default 32 (recorded in the run's name)")
     p.add_argument("--offload", choices=("none", "cpu", "disk"), default=None,
                    help="a placement other than the default (auto); recorded in the run's name")
     p.add_argument("--models-dir", type=Path, default=Path("/tmp/svdpress-vocab"))
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--kill-above", type=float, default=14.0, help="GiB of RSS at which a run is stopped")
+    p.add_argument("--kill-above", type=positive_number, default=14.0, help="GiB of RSS at which a run is stopped")
     p.add_argument("--no-probe-profile", action="store_true")
     p.add_argument("--probe-profile-only", action="store_true")
     p.add_argument("--report", action="store_true", help="print the table from --out and exit")
@@ -526,7 +528,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.profile_child is not None:
         _save(a.profile_child, probe_profile(model_dir, a))
         return 0
-    res = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    try:
+        res = read_json(a.out, "this bench's JSON (pass another --out)") if a.out.is_file() else {}
+    except SvdpressError as e:
+        raise SystemExit(f"error: {e}") from None
     if a.report:
         print(tables(res))
         return 0

@@ -4,14 +4,19 @@ A partial calibration study (some sources not run yet) or a partial method matri
 sources is always "≤ 2nd", and the best of three cells is not the best of the matrix."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _bench(name):
+    """bench/NAME.py as a module, imported as it is run (bench/ on the path: benches share protocol code)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -261,7 +266,7 @@ def test_bench_arguments_are_checked_before_any_work(capsys):
     import pytest
 
     mx, al, q, h, sp = _bench("matrix"), _bench("allocation"), _bench("quality"), _bench("heal"), _bench("speed")
-    ar = _bench("architectures")
+    ar, cd, sc, vo = _bench("architectures"), _bench("calibration_data"), _bench("scale"), _bench("vocab")
     bad = [(ar.parse_args, ["--method", "svdd+uniform"], "unknown factorizer: svdd"),
            (ar.parse_args, ["--method", "svd-llm"], "FACTORIZE+ALLOCATE, e.g. svd-llm+uniform; got 'svd-llm'"),
            (ar.parse_args, ["--ratio", "nan"], "--ratio: a number in (0, 1], got 'nan'"),
@@ -279,7 +284,15 @@ def test_bench_arguments_are_checked_before_any_work(capsys):
            (mx.parse_args, ["--limit", "-3"], "--limit: an integer ≥ 1"),
            (mx.parse_args, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
            (al.parse_args, ["--methods", "uniform,fermigard"], "unknown allocator: fermigard"),
-           (al.parse_args, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]")]
+           (al.parse_args, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]"),
+           (sp.parse_args, ["--prefill", "32"], "--prefill: BATCHxSEQLEN,... with both ≥ 1"),
+           (sp.parse_args, ["--decode-batches", "1,-2"], "--decode-batches: an integer ≥ 1, got '-2'"),
+           (sp.parse_args, ["--new-tokens", "-1"], "--new-tokens: an integer ≥ 0"),
+           (h.parse_args, ["--target-ppl", "-3"], "--target-ppl: a number > 0"),
+           (h.parse_args, ["--ppl-every", "0"], "--ppl-every: an integer ≥ 1"),
+           (cd.parse_args, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
+           (sc.main, ["--timeout", "-1"], "--timeout: a number > 0"),
+           (vo.main, ["--kill-above", "nan"], "--kill-above: a number > 0")]
     for parse, argv, msg in bad:
         with pytest.raises(SystemExit) as e:
             parse(argv)
@@ -306,3 +319,23 @@ def test_heal_bench_refuses_a_file_of_other_settings(tmp_path):
     out.write_text("not json")
     with pytest.raises(SvdpressError, match="not this bench's JSON"):
         h.resume(out, fresh)
+
+
+def test_benches_read_their_stored_results_with_one_line_errors(tmp_path, capsys):
+    """A damaged results file, or one of other settings, ends a resumed bench before any model is loaded (was: a
+    JSONDecodeError traceback, or pivga_budget's rows of another model mixed into this one's after calibrating)."""
+    import pytest
+
+    pb, vo, sc = _bench("pivga_budget"), _bench("vocab"), _bench("scale")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    other = tmp_path / "other.json"
+    other.write_text('{"model": "other", "results": []}')
+    for main, argv, msg in [(pb.main, ["--out", str(bad), "--resume"], "is not this bench's JSON"),
+                            (pb.main, ["--out", str(other), "--resume"], "other settings (model, "),
+                            (vo.main, ["--out", str(bad), "--report"], "is not this bench's JSON"),
+                            (sc.main, ["--nproc", "2", "--nproc-out", str(bad), "--report"],
+                             "is not this bench's --nproc JSON")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value).startswith("error: ") and msg in str(e.value), argv

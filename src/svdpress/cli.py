@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,6 +85,43 @@ def positive_int(s: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"an integer ≥ 1, got {s!r}")
     return n
+
+
+def positive_number(s: str) -> float:
+    """argparse type of a finite number > 0 (a time limit, a memory limit in GiB, a target perplexity)."""
+    try:
+        x = float(s)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"a number > 0, got {s!r}")
+    return x
+
+
+def count_or_zero(s: str) -> int:
+    """argparse type of a count where 0 means "skip" (e.g. --new-tokens 0): an integer ≥ 0."""
+    try:
+        return 0 if s.strip() == "0" else positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"an integer ≥ 0, got {s!r}") from None
+
+
+def count_list(s: str) -> list[int]:
+    """argparse type of a comma list of counts ≥ 1 (e.g. --decode-batches 1,16); empty: none."""
+    return [positive_int(x) for x in csv(s)]
+
+
+def shape_list(s: str) -> list[tuple[int, int]]:
+    """argparse type of BATCHxSEQLEN,... (e.g. --prefill 1x512,8x512), both ≥ 1; empty: none."""
+    out = []
+    for x in csv(s):
+        b, times, L = x.partition("x")
+        try:
+            out.append((positive_int(b), positive_int(L)))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"BATCHxSEQLEN,... with both ≥ 1 (e.g. 1x512,8x512), got {s!r}") \
+                from None
+    return out
 
 
 def parse_opts(pairs: list[str]) -> dict[str, Any]:

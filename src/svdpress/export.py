@@ -67,6 +67,12 @@ def json_default(o):
     return str(o)
 
 
+def as_read_back(obj: Any) -> Any:
+    """obj as it reads back from a JSON file (tuples become lists, keys strings): what a stored setting is compared
+    with, so a resumed run recognises its own settings."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
+
+
 def read_json(path: str | os.PathLike, what: str = "readable JSON") -> Any:
     """The JSON document at path; a missing, unreadable or malformed file is one SvdpressError saying what the
     file should have been (`what`), never a traceback."""
