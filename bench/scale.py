@@ -35,11 +35,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -319,6 +321,36 @@ runpy.run_module("svdpress", run_name="__main__", alter_sys=True)
 
 
 
+@contextmanager
+def child_group(cmd: list[str], **popen):
+    """A measured run as its own process group, killed whole (with /usr/bin/time's child and torchrun's workers)
+    when the bench stops it for --timeout, or is itself interrupted or terminated: an ended bench leaves no run
+    behind holding gigabytes (was: `timeout … scale.py` left the compress processes running)."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for(proc: subprocess.Popen, timeout: Optional[float]) -> int:
+    """proc's return code; past `timeout` seconds its whole group is killed (rc -9)."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM (timeout, kill, a CI runner) unwinds like Ctrl-C, so child_group's cleanup runs."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 class Poller:
     """Samples the RSS (total, anonymous, file-backed) of a process tree every `interval` seconds."""
 
@@ -425,13 +457,9 @@ def run_one(model: str, model_dir: Path, method: str, a: argparse.Namespace, wor
     with open(log, "w") as lf:
         lf.write(" ".join(full[:3] + ["<child>"] + full[full.index("compress"):]) + "\n\n")
         lf.flush()
-        proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        with Poller(proc.pid) as poll:
-            try:
-                rc = proc.wait(timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
+        with child_group(full, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as proc, \
+                Poller(proc.pid) as poll:
+            rc = wait_for(proc, a.timeout)
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {
         "model": model, "method": method, "variant": _variant(a), "rc": rc, "wall_s": round(wall, 1),
@@ -503,7 +531,8 @@ def run_nproc(model: str, model_dir: Path, method: str, nproc: int, a: argparse.
     src_state = git_state()  # which code the run measured
     t0 = time.perf_counter()
     with open(log, "w") as lf:
-        rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=a.timeout).returncode
+        with child_group(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=ROOT) as proc:
+            rc = wait_for(proc, a.timeout)
     wall = time.perf_counter() - t0
     rec: dict[str, Any] = {"model": model, "method": method, "nproc": nproc, "rc": rc, "wall_s": round(wall, 1),
                            "threads_per_process": int(threads), "src": src_state,
@@ -896,6 +925,7 @@ def load_results(path: Path) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    terminate_as_interrupt()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="deep-narrow,tiny-wide", help=f"comma list of {', '.join(MODELS)}")
@@ -1077,4 +1107,7 @@ def _save(path: Path, res: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the running child was stopped, finished runs are saved
+        sys.exit(f"interrupted ({e or 'Ctrl-C'}): the run in progress was stopped; finished runs are in the JSON")

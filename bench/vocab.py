@@ -59,6 +59,9 @@ from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from scale import child_group, terminate_as_interrupt  # noqa: E402  (bench/scale.py: one way to run a measured child)
+
 MiB = 2 ** 20
 GiB = 2 ** 30
 STAGES = ("load", "data", "calibrate_gradients", "calibrate", "factorize", "allocate", "build", "export")
@@ -240,20 +243,20 @@ def run_one(method: str, model_dir: Path, work: Path, logs: Path, a: argparse.Na
     killed = None
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(time_file), *cmd], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        child = None
-        while proc.poll() is None:
-            child = child or next(iter(_children(proc.pid)), None)
-            s = proc_status(child) if child else None
-            if s:
-                for k in peak:
-                    peak[k] = max(peak[k], s.get(k, 0))
-                if s.get("VmRSS", 0) > a.kill_above * GiB and killed is None:
-                    killed = round(s["VmRSS"] / MiB)
-                    print(f"  RSS {killed} MB > --kill-above {a.kill_above} GiB: stopping it", flush=True)
-                    os.kill(child, signal.SIGKILL)
-            time.sleep(0.25)
+        with child_group(["/usr/bin/time", "-v", "-o", str(time_file), *cmd], stdout=log,
+                         stderr=subprocess.STDOUT, env=env, cwd=ROOT) as proc:
+            child = None
+            while proc.poll() is None:
+                child = child or next(iter(_children(proc.pid)), None)
+                s = proc_status(child) if child else None
+                if s:
+                    for k in peak:
+                        peak[k] = max(peak[k], s.get(k, 0))
+                    if s.get("VmRSS", 0) > a.kill_above * GiB and killed is None:
+                        killed = round(s["VmRSS"] / MiB)
+                        print(f"  RSS {killed} MB > --kill-above {a.kill_above} GiB: stopping it", flush=True)
+                        os.kill(child, signal.SIGKILL)
+                time.sleep(0.25)
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     rec["returncode"] = proc.returncode
     rec["killed_at_rss_mb"] = killed
@@ -498,6 +501,7 @@ def _save(path: Path, res: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    terminate_as_interrupt()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=("gemma3", "llama"), default="gemma3")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -589,4 +593,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the running child was stopped, finished runs are saved
+        sys.exit(f"interrupted ({e or 'Ctrl-C'}): the run in progress was stopped; finished runs are in the JSON")

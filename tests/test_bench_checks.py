@@ -339,3 +339,36 @@ def test_benches_read_their_stored_results_with_one_line_errors(tmp_path, capsys
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert str(e.value).startswith("error: ") and msg in str(e.value), argv
+
+
+def test_a_stopped_bench_leaves_no_measured_run_behind(tmp_path):
+    """scale/vocab run each measurement under /usr/bin/time or torchrun; stopping the bench (Ctrl-C, SIGTERM,
+    --timeout) must kill the whole group, grandchildren included (was: the compress processes kept running)."""
+    import os
+    import time
+
+    import pytest
+
+    sc = _bench("scale")
+    pidfile = tmp_path / "grandchild.pid"
+    cmd = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+    with pytest.raises(KeyboardInterrupt):
+        with sc.child_group(cmd) as proc:
+            while not pidfile.is_file() or not pidfile.read_text().strip():
+                time.sleep(0.02)
+            raise KeyboardInterrupt
+    grandchild = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert proc.returncode is not None and not alive(grandchild)
+    pidfile.unlink()
+    with sc.child_group(cmd) as proc:  # --timeout: the group is killed, rc -9
+        assert sc.wait_for(proc, timeout=0.5) == -9
+    assert not alive(int(pidfile.read_text()))
