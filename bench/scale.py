@@ -49,7 +49,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, method_pair, positive_int, positive_number  # noqa: E402
+from svdpress.cli import kept_ratio, method_pair, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
@@ -342,13 +342,6 @@ def wait_for(proc: subprocess.Popen, timeout: Optional[float]) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
-
-
-def terminate_as_interrupt() -> None:
-    """SIGTERM (timeout, kill, a CI runner) unwinds like Ctrl-C, so child_group's cleanup runs."""
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 class Poller:

@@ -53,14 +53,14 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, positive_int, positive_number  # noqa: E402
+from svdpress.cli import kept_ratio, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from scale import child_group, terminate_as_interrupt  # noqa: E402  (bench/scale.py: one way to run a measured child)
+from scale import child_group  # noqa: E402  (bench/scale.py: one way to run a measured child)
 
 MiB = 2 ** 20
 GiB = 2 ** 30

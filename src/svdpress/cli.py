@@ -635,20 +635,26 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def _terminate(_signum, _frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary folders go, nothing half-written stays
+def _terminate(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def terminate_as_interrupt() -> None:
+    """SIGTERM (kill, timeout, a scheduler) unwinds like Ctrl-C: temporary folders go, nothing half-written stays,
+    and a bench's measured child processes are stopped with it."""
     import signal
 
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    _one_line_warnings()
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)
         pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    _one_line_warnings()
+    terminate_as_interrupt()
     try:
         if args.command not in ("compress", "eval"):
             from .distributed import from_env
