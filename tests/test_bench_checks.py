@@ -372,3 +372,25 @@ def test_a_stopped_bench_leaves_no_measured_run_behind(tmp_path):
     with sc.child_group(cmd) as proc:  # --timeout: the group is killed, rc -9
         assert sc.wait_for(proc, timeout=0.5) == -9
     assert not alive(int(pidfile.read_text()))
+
+
+def test_heal_bench_measures_a_damaged_zero_shot_cache_again(tmp_path, monkeypatch, capsys):
+    """The zero-shot figures of a start are a cache: a damaged file is measured again with a note, not a traceback."""
+    import argparse
+
+    h = _bench("heal")
+    calls = []
+
+    def fake_evaluate(path, cfg, device):
+        calls.append(cfg.tasks)
+        return {"tasks": {t: {"acc": 0.5} for t in cfg.tasks}}
+
+    monkeypatch.setattr(h.svdpress, "evaluate", fake_evaluate)
+    a = argparse.Namespace(tasks="piqa,arc_easy", task_limit=20)
+    (tmp_path / "bench_tasks_before.json").write_text("{damaged")
+    assert h.tasks_before(a, str(tmp_path), "cpu") == {"piqa": {"acc": 0.5}, "arc_easy": {"acc": 0.5}}
+    assert "measuring again" in capsys.readouterr().err and len(calls) == 1
+    assert h.tasks_before(a, str(tmp_path), "cpu")["piqa"] == {"acc": 0.5} and len(calls) == 1  # now cached
+    a.task_limit = 40  # another limit: measured again
+    h.tasks_before(a, str(tmp_path), "cpu")
+    assert len(calls) == 2
