@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from svdpress.allocate import AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import names_in, positive_int, ratio_list  # noqa: E402
+from svdpress.cli import names_in, positive_int, ratio_list, seed  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples, check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -57,7 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=positive_int, default=32)
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=4, help="calibration batch (forward and backward)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "results" / "stats-cache"))
     p.add_argument("--json", type=Path, default=ROOT / "results" / "quality.json")

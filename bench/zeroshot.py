@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from svdpress.cli import csv
+from svdpress.cli import csv, seed
 from svdpress.config import CompressConfig, EvalConfig, resolve_device
 from svdpress.errors import SvdpressError
 from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is much "
                                                             "faster on a crowded CPU")

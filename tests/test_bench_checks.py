@@ -285,6 +285,7 @@ def test_bench_arguments_are_checked_before_any_work(capsys):
            (mx.parse_args, ["--calib-samples", "0"], "--calib-samples: an integer ≥ 1"),
            (al.parse_args, ["--methods", "uniform,fermigard"], "unknown allocator: fermigard"),
            (al.parse_args, ["--ratios", "0"], "--ratios: comma-separated numbers in (0, 1]"),
+           (q.parse, ["--seed", "-1"], "--seed: an integer in [0, 2^32)"),
            (sp.parse_args, ["--prefill", "32"], "--prefill: BATCHxSEQLEN,... with both ≥ 1"),
            (sp.parse_args, ["--decode-batches", "1,-2"], "--decode-batches: an integer ≥ 1, got '-2'"),
            (sp.parse_args, ["--new-tokens", "-1"], "--new-tokens: an integer ≥ 0"),

@@ -98,6 +98,17 @@ def positive_number(s: str) -> float:
     return x
 
 
+def seed(s: str) -> int:
+    """argparse type of a random seed: an integer in [0, 2³²) (numpy's range, which lm-eval seeds)."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"an integer in [0, 2^32), got {s!r}")
+    return n
+
+
 def count_or_zero(s: str) -> int:
     """argparse type of a count where 0 means "skip" (e.g. --new-tokens 0): an integer ≥ 0."""
     try:
@@ -249,7 +260,7 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--calib-batch-size", type=int, default=d.calib_batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--rank-multiple", type=int, default=d.rank_multiple,
                    help="ranks are multiples of this (lems: 16 when left at 1; --opt rank_multiple=1 forces 1)")
     p.add_argument("--pivga", action="store_true", help="lossless gauge-fixed second compression (r² per layer)")
@@ -364,7 +375,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl", type=csv, default=None, help="texts to score, e.g. wiki,c4 (default wiki unless --tasks)")
     p.add_argument("--tasks", type=csv, default=(), help="zero-shot tasks, e.g. piqa,hellaswag")
     add_placement_args(p, "auto", "float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--no-progress", action="store_true")
     add_eval_args(p)
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",

@@ -96,6 +96,8 @@ class CompressConfig:
             raise SvdpressError("--calib-samples and --calib-batch-size must be ≥ 1 and --calib-seqlen ≥ 2")
         if self.rank_multiple < 1:
             raise SvdpressError("--rank-multiple must be ≥ 1")
+        if not 0 <= self.seed < 2 ** 32:
+            raise SvdpressError(f"--seed must be in [0, 2^32), got {self.seed}")
         torch_dtype(self.dtype)
         resolve_device(self.device)
         self.placement("cpu")
