@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 import time
@@ -130,9 +129,7 @@ def load_doc(path: Path, proto: dict) -> dict:
 
 
 def save_doc(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
+    write_json(path, doc, indent=1)  # atomic: an interrupted run never leaves a half-written file
 
 
 def spectra_id(spectra: dict) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ from svdpress.factorize import FACTORIZERS  # noqa: E402
 from svdpress.model import Placement, Runner  # noqa: E402
 from svdpress.models import find_targets, load_model  # noqa: E402
 from svdpress.params import count_params, dense_count  # noqa: E402
+from svdpress.export import write_json  # noqa: E402
 from svdpress.pipeline import Timer, build, evaluate_model, factorize_model  # noqa: E402
 from svdpress.stats_cache import StatsCache, block_stats, grad_stats  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         res["methods"][m] = run_method(m, model, tok, samples, shapes, a, device)
         res["methods"][m]["needs_gradients"] = FACTORIZERS[m].needs_gradients
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=1))  # partial results survive an interruption
+        write_json(a.json, res, indent=1)  # partial results survive an interruption
     print(report(res, a))
     png = a.plot or a.json.with_suffix(".png")
     plot(res, a, png)

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.cli import kept_ratio, method_pair, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
-from svdpress.export import read_json  # noqa: E402
+from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
@@ -1094,9 +1094,7 @@ def _meminfo(key: str) -> int:
 
 def _save(path: Path, res: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -85,10 +85,10 @@ def read_json(path: str | os.PathLike, what: str = "readable JSON") -> Any:
         raise SvdpressError(f"{p} is not {what}: {e}") from None
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
     """Strict JSON (no NaN/Infinity, which are not JSON), written atomically (temp file, then rename)."""
     try:
-        text = json.dumps(obj, indent=2, default=json_default, allow_nan=False) + "\n"
+        text = json.dumps(obj, indent=indent, default=json_default, allow_nan=False) + "\n"
     except ValueError as e:
         raise SvdpressError(f"refusing to write {path}: {e} (a non-finite figure is an error, not a result)") from None
     path = Path(path)
