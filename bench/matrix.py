@@ -20,7 +20,8 @@ Resumable: bench/results/matrix.json is rewritten after every cell, and a rerun 
 the cells it already holds (a cell that failed is recorded with its error and retried); a file of another
 protocol (model, calibration, evaluation, rank multiple, method options) is refused, never replaced. The
 sensitivity measurements of each factorizer's spectra (the costly part of lems, asvd-threshold, mrcs and the +
-variants: 6–38 min a factorizer on 2 cores) are kept as JSON in --probes (bench/results/matrix-probes/), and
+variants: 6–79 min a factorizer on 2 cores) are kept as JSON in --probes (bench/results/matrix-probes/), written
+as each kept fraction is measured (an interrupted probe keeps the fractions it finished), and
 those committed in bench/reference/matrix-probes/ are read too, so a later run, or a fresh clone, reuses them;
 each file names its protocol and a checksum of the spectra it was measured on (`spectra_id`), and one that
 does not match is ignored and measured again. Prints the table laid out like the seed's tables (per ratio: one row per factorizer +
@@ -380,7 +381,8 @@ def main(argv=None) -> int:
         cache: dict = {**load_probes(REFERENCE_PROBES / f"{f}.json", proto, sid), **load_probes(mine, proto, sid)}
         for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
-                                        samples, 0, progress, cache)
+                                        samples, 0, progress, cache,
+                                        on_measured=lambda: save_probes(mine, proto, sid, cache))
             t = time.perf_counter()
             try:
                 alloc = allocate(problem, m)

@@ -146,3 +146,47 @@ def test_methods_without_the_model_need_no_runner(tokenizer, calib):
     for method in ("lems", "atp", "asvd-threshold"):
         with pytest.raises(SvdpressError, match="runner"):
             allocate(AllocationProblem(shapes, spectra, 0.6, 4, samples=calib, progress=False), method)
+
+
+def test_an_interrupted_sensitivity_pass_keeps_the_fractions_it_finished(tokenizer, calib, monkeypatch):
+    """Measurements land in the problem cache one kept fraction at a time, each handed to `on_measured` (the
+    matrix bench writes its probe file there): an interruption in the second fraction keeps the first, and a
+    rerun on the kept entries measures only what is missing, to the same values as one uninterrupted pass."""
+    from conftest import make_llama
+    from svdpress.allocate.sensitivity import export_measurements, import_measurements
+
+    model = make_llama(len(tokenizer), seed=0, layers=2)
+    spectra = svd_spectra(model)
+    cfg = ProbeConfig(samples=2, seqlen=16, batch_size=2)
+    with Runner(model, Placement(offload="none")) as runner:
+        def problem(cache, hook=None):
+            return AllocationProblem(runner.arch.shapes(), spectra, 0.6, 1, {}, runner, calib, 0, False, cache,
+                                     on_measured=hook)
+
+        whole = layer_sensitivity(problem({}), (0.3, 0.6), cfg).loss
+        kept: list[list[dict]] = []
+        cache: dict = {}
+        calls = {"n": 0}
+        real = Probe.loss
+
+        def dies_in_the_second_fraction(self, overrides):
+            calls["n"] += 1
+            if calls["n"] > len(spectra) + 1:
+                raise KeyboardInterrupt
+            return real(self, overrides)
+
+        monkeypatch.setattr(Probe, "loss", dies_in_the_second_fraction)
+        with pytest.raises(KeyboardInterrupt):
+            layer_sensitivity(problem(cache, lambda: kept.append(export_measurements(cache))), (0.3, 0.6), cfg)
+        assert len(kept) == 1 and [e["fraction"] for e in kept[0]] == [0.3]
+
+        monkeypatch.setattr(Probe, "loss", real)
+        resumed = problem(import_measurements(kept[-1]))
+        counted = {"n": 0}
+        monkeypatch.setattr(Probe, "loss", lambda self, o: (counted.__setitem__("n", counted["n"] + 1),
+                                                            real(self, o))[1])
+        again = layer_sensitivity(resumed, (0.3, 0.6), cfg).loss
+    assert counted["n"] == len(spectra)  # only the 0.6 fraction was measured again
+    for name in whole:
+        for f in (0.3, 0.6):
+            assert again[name][f]["kl"] == pytest.approx(whole[name][f]["kl"], rel=1e-9, abs=1e-12)

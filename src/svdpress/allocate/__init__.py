@@ -42,6 +42,9 @@ class AllocationProblem:
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     # count parameters as PivGa stores them (r·(m+n) − r²): every rank below min(m, n) is a factored candidate
     pivga: bool = False
+    # called after each batch of measurements lands in `cache` (one kept fraction of every layer), so a caller
+    # can keep them on disk as they come (bench/matrix.py does): a long probe interrupted is not all lost
+    on_measured: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
 
     @property
     def counting(self) -> Counting:

@@ -272,10 +272,8 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
         t0 = time.perf_counter()
         probe = get_probe(problem, cfg)
         setup = time.perf_counter() - t0
-        jobs = [(f, name) for f in todo for name in problem.shapes]
-        per_f: dict[float, dict[str, dict[str, float]]] = {f: {} for f in todo}
-        timing = {f: setup / len(todo) for f in todo}
-        bar = tqdm(total=len(jobs), desc="sensitivity", unit="probe", disable=not problem.progress)
+        bar = tqdm(total=len(todo) * len(problem.shapes), desc="sensitivity", unit="probe",
+                   disable=not problem.progress)
 
         def measure(job: tuple[float, str]) -> tuple[dict[str, float], float]:
             f, name = job
@@ -284,17 +282,22 @@ def layer_sensitivity(problem: AllocationProblem, fractions: tuple[float, ...], 
             bar.update()
             return loss, time.perf_counter() - t
 
-        # under torchrun the layers are divided among ranks (a probe runs blocks b..L−1: cost L − b), every rank
-        # gets every measurement; in one process this is the plain loop
+        # one fraction at a time, each stored in the cache as soon as it is complete (and handed to
+        # `problem.on_measured`, which may keep it on disk): an interruption loses at most one fraction's work.
+        # Under torchrun a fraction's layers are divided among ranks (a probe runs blocks b..L−1: cost L − b) and
+        # every rank gets every measurement; in one process this is the plain loop
         L = len(probe.runner.blocks)
-        costs = [float(L - probe.block_of(name)) for _, name in jobs]
-        for (f, name), (loss, secs) in zip(jobs, dist.map_items(jobs, measure, costs, "sensitivity probes")):
-            per_f[f][name] = loss
-            timing[f] += secs
-        bar.close()
         for f in todo:
-            problem.cache[_key(problem, cfg, f)] = (per_f[f], timing[f], len(per_f[f]))
-            for name, v in per_f[f].items():
+            jobs = [(f, name) for name in problem.shapes]
+            costs = [float(L - probe.block_of(name)) for _, name in jobs]
+            measured = dist.map_items(jobs, measure, costs, "sensitivity probes")
+            per_f = {name: loss for (_, name), (loss, _) in zip(jobs, measured)}
+            secs = setup / len(todo) + sum(s for _, s in measured)
+            problem.cache[_key(problem, cfg, f)] = (per_f, secs, len(per_f))
+            for name, v in per_f.items():
                 out[name][f] = v
-            seconds, probes = seconds + timing[f], probes + len(per_f[f])
+            seconds, probes = seconds + secs, probes + len(per_f)
+            if problem.on_measured is not None:
+                problem.on_measured()
+        bar.close()
     return Sensitivity(out, seconds, probes)
