@@ -32,6 +32,7 @@ allocator, wiki / c4), a pivot of wiki perplexity per ratio (factorizer × alloc
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import sys
@@ -382,7 +383,7 @@ def main(argv=None) -> int:
         for m, ratio in sorted(todo[f], key=lambda mr: (allocs.index(mr[0]), -mr[1])):
             problem = AllocationProblem(shapes, spectra, ratio, a.rank_multiple, dict(opts.get(m, {})), runner,
                                         samples, 0, progress, cache,
-                                        on_measured=lambda: save_probes(mine, proto, sid, cache))
+                                        on_measured=functools.partial(save_probes, mine, proto, sid, cache))
             t = time.perf_counter()
             try:
                 alloc = allocate(problem, m)

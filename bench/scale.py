@@ -636,7 +636,7 @@ def _sequences(sp: Spec, s: dict) -> int:
 def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[str, float]]:
     """Predicted {stage: {"anon": bytes above A0, "file": bytes file-backed above F0}} for one run (MEMORY_MODEL)."""
     fac, alloc = method.split("+")
-    d, f, V, L = sp.hidden, sp.intermediate, sp.vocab, sp.layers
+    d, V = sp.hidden, sp.vocab
     b, bd = DTYPE_BYTES[s["dtype"]], DTYPE_BYTES[sp.disk]
     budget = s.get("budget", 1.5 * GiB)
     N = s["samples"] * s["seqlen"]
@@ -655,7 +655,7 @@ def _stage_terms(sp: Spec, method: str, s: dict, base: dict) -> dict[str, dict[s
 
     out: dict[str, dict[str, float]] = {k: {"anon": 0.0, "file": 0.0} for k in ("load", "data")}
     if fac in ("kfac", "gfwsvd", "fwsvd"):
-        passes, used = [0.0], 0.0
+        passes = [0.0]
         for _, m, n in sorted(lin, key=lambda t: t[1]):  # calibrate._passes
             g = 8 * m * m + (8 * m * n if fac == "fwsvd" else 0)
             if passes[-1] and passes[-1] + g > budget // 4:

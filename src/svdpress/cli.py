@@ -76,45 +76,35 @@ def names_in(registry, what: str) -> Callable[[str], list[str]]:
     return parse
 
 
+def _checked(s: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Any:
+    """cast(s) when it parses and passes ok, else an argparse error saying what was expected."""
+    try:
+        x = cast(s)
+    except ValueError:
+        x = None
+    if x is None or not ok(x):
+        raise argparse.ArgumentTypeError(f"{what}, got {s!r}")
+    return x
+
+
 def positive_int(s: str) -> int:
     """argparse type of a count (samples, tokens, batch size, rank multiple): an integer ≥ 1."""
-    try:
-        n = int(s)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"an integer ≥ 1, got {s!r}")
-    return n
+    return _checked(s, int, lambda n: n >= 1, "an integer ≥ 1")
 
 
 def positive_number(s: str) -> float:
     """argparse type of a finite number > 0 (a time limit, a memory limit in GiB, a target perplexity)."""
-    try:
-        x = float(s)
-    except ValueError:
-        x = math.nan
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"a number > 0, got {s!r}")
-    return x
+    return _checked(s, float, lambda x: math.isfinite(x) and x > 0, "a number > 0")
 
 
 def seed(s: str) -> int:
     """argparse type of a random seed: an integer in [0, 2³²) (numpy's range, which lm-eval seeds)."""
-    try:
-        n = int(s)
-    except ValueError:
-        n = -1
-    if not 0 <= n < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"an integer in [0, 2^32), got {s!r}")
-    return n
+    return _checked(s, int, lambda n: 0 <= n < 2 ** 32, "an integer in [0, 2^32)")
 
 
 def count_or_zero(s: str) -> int:
     """argparse type of a count where 0 means "skip" (e.g. --new-tokens 0): an integer ≥ 0."""
-    try:
-        return 0 if s.strip() == "0" else positive_int(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"an integer ≥ 0, got {s!r}") from None
+    return _checked(s, int, lambda n: n >= 0, "an integer ≥ 0")
 
 
 def count_list(s: str) -> list[int]:
