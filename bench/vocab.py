@@ -55,12 +55,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.cli import kept_ratio, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
-from svdpress.export import read_json, write_json  # noqa: E402
+from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from scale import child_group  # noqa: E402  (bench/scale.py: one way to run a measured child)
+from scale import _save, child_group  # noqa: E402  (bench/scale.py: one way to run and save a measured child)
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -491,11 +491,6 @@ def tables(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _save(path: Path, res: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, res, indent=1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
