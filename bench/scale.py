@@ -1097,8 +1097,14 @@ def _save(path: Path, res: dict) -> None:
     write_json(path, res, indent=1)
 
 
-if __name__ == "__main__":
+def run_bench(main) -> None:
+    """The entry of a bench that runs measured children: Ctrl-C or SIGTERM stops the running child (its process
+    group), runs already finished are in the JSON, and the user gets one line rather than a traceback."""
     try:
         sys.exit(main())
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the running child was stopped, finished runs are saved
+    except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'Ctrl-C'}): the run in progress was stopped; finished runs are in the JSON")
+
+
+if __name__ == "__main__":
+    run_bench(main)

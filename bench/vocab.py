@@ -60,7 +60,7 @@ from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from scale import _save, child_group  # noqa: E402  (bench/scale.py: one way to run and save a measured child)
+from scale import _save, child_group, run_bench  # noqa: E402  (bench/scale.py: one way to run and save a measured child)
 
 MiB = 2 ** 20
 GiB = 2 ** 30
@@ -586,7 +586,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the running child was stopped, finished runs are saved
-        sys.exit(f"interrupted ({e or 'Ctrl-C'}): the run in progress was stopped; finished runs are in the JSON")
+    run_bench(main)

@@ -58,3 +58,27 @@ def test_eval_without_manifest_records_what_the_model_is(tiny_model_dir, text_fi
                  "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["method"].startswith("factored") and abs(res["ratio"] - rep["ratio"]["achieved"]) < 1e-12
+
+
+def test_json_writer_refuses_what_is_not_a_result_and_leaves_nothing_half_written(tmp_path):
+    """write_json is every stage's and bench's writer: a NaN is an error (not JSON, not a figure), a directory in
+    the way is named in the message, and a refused write leaves the old file whole and no temp file behind."""
+    import math
+
+    import pytest
+
+    from svdpress.errors import SvdpressError
+    from svdpress.export import read_json, write_json
+
+    out = tmp_path / "r.json"
+    write_json(out, {"ppl": 22.16})
+    with pytest.raises(SvdpressError, match="non-finite"):
+        write_json(out, {"ppl": math.nan})
+    assert read_json(out) == {"ppl": 22.16}
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(SvdpressError, match=r"d\.json: it is a directory"):
+        write_json(tmp_path / "d.json", {})
+    with pytest.raises(SvdpressError, match="not readable JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        read_json(tmp_path / "bad.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "d.json", "r.json"]

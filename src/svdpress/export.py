@@ -93,7 +93,7 @@ def write_json(path: Path, obj: Any, indent: int = 2) -> None:
         raise SvdpressError(f"refusing to write {path}: {e} (a non-finite figure is an error, not a result)") from None
     path = Path(path)
     if path.exists() and path.is_dir():
-        raise SvdpressError(f"--json {path} is a directory")
+        raise SvdpressError(f"cannot write {path}: it is a directory, not a file")
     try:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(text)
