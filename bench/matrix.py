@@ -303,18 +303,38 @@ def plot(doc: dict, facs: list[str], allocs: list[str], ratios: list[float], pat
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(ratios), figsize=(3.2 * len(ratios) + 1, 0.45 * len(facs) + 2), squeeze=False)
-    for ax, r in zip(axes[0], ratios):
-        grid = np.array([[_wiki(doc, f, m, r) for m in allocs] for f in facs], dtype=float)
-        im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto")
+    def short(v: float) -> str:  # fits a cell: 37.0, 902, 4e7
+        if v < 1000:
+            return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+        m, e = f"{v:.0e}".split("e")
+        return f"{m}e{int(e)}"
+
+    cols = min(2, len(ratios))
+    rows = math.ceil(len(ratios) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (0.62 * len(allocs) + 1.6) + 1.2,
+                                                  rows * (0.42 * len(facs) + 1.6)), squeeze=False)
+    lo, hi = math.log10(22.0), 0.0
+    grids = {r: np.array([[_wiki(doc, f, m, r) for m in allocs] for f in facs], dtype=float) for r in ratios}
+    for g in grids.values():
+        if np.isfinite(g).any():
+            hi = max(hi, float(np.log10(np.nanmax(g))))
+    for k, ax in enumerate(axes.flat):
+        if k >= len(ratios):
+            ax.axis("off")
+            continue
+        r, grid = ratios[k], grids[ratios[k]]
+        im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto", vmin=lo, vmax=max(hi, lo + 1))
         for i in range(len(facs)):
             for j in range(len(allocs)):
                 if math.isfinite(grid[i, j]):
-                    ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=6, color="w")
-        ax.set_xticks(range(len(allocs)), allocs, rotation=60, fontsize=7)
+                    dark = (math.log10(grid[i, j]) - lo) / (max(hi, lo + 1) - lo) > 0.45
+                    ax.text(j, i, short(grid[i, j]), ha="center", va="center", fontsize=6.5,
+                            color="w" if dark else "k")
+        ax.set_xticks(range(len(allocs)), allocs, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(facs)), facs, fontsize=7)
-        ax.set_title(f"wiki ppl @ {r}", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), label="log10 wiki ppl", shrink=0.8)
+        ax.set_title(f"wiki ppl, kept {r}", fontsize=9)
+    fig.subplots_adjust(hspace=0.55, wspace=0.25)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 wiki ppl", shrink=0.6)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
