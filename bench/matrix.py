@@ -300,6 +300,7 @@ def plot(doc: dict, facs: list[str], allocs: list[str], ratios: list[float], pat
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.colors
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -313,23 +314,21 @@ def plot(doc: dict, facs: list[str], allocs: list[str], ratios: list[float], pat
     rows = math.ceil(len(ratios) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * (0.62 * len(allocs) + 1.6) + 1.2,
                                                   rows * (0.42 * len(facs) + 1.6)), squeeze=False)
-    lo, hi = math.log10(22.0), 0.0
-    grids = {r: np.array([[_wiki(doc, f, m, r) for m in allocs] for f in facs], dtype=float) for r in ratios}
-    for g in grids.values():
-        if np.isfinite(g).any():
-            hi = max(hi, float(np.log10(np.nanmax(g))))
+    grids = {r: np.array([[_wiki(doc, f, m, r) for m in allocs] for f in facs]) for r in ratios}
+    seen = np.log10(np.concatenate([g[np.isfinite(g)] for g in grids.values()]))
+    lo = float(seen.min()) if seen.size else 0.0  # one colour scale for every ratio: best cell to worst
+    norm = matplotlib.colors.Normalize(lo, max(float(seen.max()) if seen.size else lo, lo + 1))
     for k, ax in enumerate(axes.flat):
         if k >= len(ratios):
             ax.axis("off")
             continue
         r, grid = ratios[k], grids[ratios[k]]
-        im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto", vmin=lo, vmax=max(hi, lo + 1))
+        im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto", norm=norm)
         for i in range(len(facs)):
             for j in range(len(allocs)):
                 if math.isfinite(grid[i, j]):
-                    dark = (math.log10(grid[i, j]) - lo) / (max(hi, lo + 1) - lo) > 0.45
                     ax.text(j, i, short(grid[i, j]), ha="center", va="center", fontsize=6.5,
-                            color="w" if dark else "k")
+                            color="w" if norm(math.log10(grid[i, j])) > 0.45 else "k")
         ax.set_xticks(range(len(allocs)), allocs, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(facs)), facs, fontsize=7)
         ax.set_title(f"wiki ppl, kept {r}", fontsize=9)

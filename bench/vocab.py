@@ -60,7 +60,7 @@ from svdpress.memory import proc_status  # noqa: E402
 from svdpress.table import table  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from scale import _save, child_group, run_bench  # noqa: E402  (bench/scale.py: one way to run and save a measured child)
+from scale import _save, child_group, run_bench  # noqa: E402  (bench/scale.py: runs and saves measured children)
 
 MiB = 2 ** 20
 GiB = 2 ** 30

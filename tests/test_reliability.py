@@ -1,11 +1,17 @@
-"""Determinism and --ratio 1: the same command with the same seed writes byte-identical weights and ranks."""
+"""Determinism and --ratio 1: the same command with the same seed writes byte-identical weights and ranks; the
+JSON writer every stage shares refuses what is not a result and leaves nothing half-written."""
 
 from __future__ import annotations
 
 import hashlib
+import math
+
+import pytest
 
 import svdpress
 from svdpress.config import CompressConfig
+from svdpress.errors import SvdpressError
+from svdpress.export import read_json, write_json
 
 
 def _digests(out):
@@ -63,13 +69,6 @@ def test_eval_without_manifest_records_what_the_model_is(tiny_model_dir, text_fi
 def test_json_writer_refuses_what_is_not_a_result_and_leaves_nothing_half_written(tmp_path):
     """write_json is every stage's and bench's writer: a NaN is an error (not JSON, not a figure), a directory in
     the way is named in the message, and a refused write leaves the old file whole and no temp file behind."""
-    import math
-
-    import pytest
-
-    from svdpress.errors import SvdpressError
-    from svdpress.export import read_json, write_json
-
     out = tmp_path / "r.json"
     write_json(out, {"ppl": 22.16})
     with pytest.raises(SvdpressError, match="non-finite"):
@@ -78,7 +77,7 @@ def test_json_writer_refuses_what_is_not_a_result_and_leaves_nothing_half_writte
     (tmp_path / "d.json").mkdir()
     with pytest.raises(SvdpressError, match=r"d\.json: it is a directory"):
         write_json(tmp_path / "d.json", {})
+    (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SvdpressError, match="not readable JSON"):
-        (tmp_path / "bad.json").write_text("{")
         read_json(tmp_path / "bad.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "d.json", "r.json"]
