@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
-from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list, results_file  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=names_in(ALLOCATORS, "allocator"), default=",".join(ALL), help="comma list")
     p.add_argument("--ratios", type=ratio_list, default="0.9,0.8,0.7,0.6")
     p.add_argument("--pivga", action="store_true", help="budget counted as PivGa stores it; models gauge-fixed")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "allocation.json"))
     return p.parse_args(argv)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 import svdpress  # noqa: E402
-from svdpress.cli import kept_ratio, method_pair  # noqa: E402
+from svdpress.cli import kept_ratio, method_pair, results_file  # noqa: E402
 from svdpress.config import CompressConfig  # noqa: E402
 from svdpress.export import write_json  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-fused", action="store_true")
     p.add_argument("--lm-head", action="store_true", help="also factor untied LM heads")
     p.add_argument("--compare-fused", action="store_true", help="fused vs split fused projections (see above)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "architectures.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "architectures.json"))
     return p.parse_args(argv)
 
 

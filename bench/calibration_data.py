@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, parse_method_opts, positive_int  # noqa: E402
+from svdpress.cli import kept_ratio, parse_method_opts, positive_int, results_file  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, resolve_device  # noqa: E402
 from svdpress.data.text import check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task-limit", type=positive_int, default=200)
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default="/tmp/svdpress-calibration-bench")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "calibration_data.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "calibration_data.json"))
     p.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

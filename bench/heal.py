@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import svdpress  # noqa: E402
 from svdpress.allocate import ALLOCATORS  # noqa: E402
 from svdpress.cli import (csv, names_in, parse_method_opts, parse_opts, positive_int, positive_number,  # noqa: E402
-                          ratio_list)
+                          ratio_list, results_file)
 from svdpress.config import CompressConfig, EvalConfig, HealConfig, resolve_device  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.perplexity import text_perplexity  # noqa: E402
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default="/tmp/svdpress-heal-bench", help="compressed starts and statistics cache")
     p.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "heal.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "heal.json"))
     p.add_argument("--fresh", action="store_true", help="start over: replace --out's runs (made under other settings)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

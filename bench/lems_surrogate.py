@@ -42,7 +42,7 @@ from svdpress.allocate.common import rank_at  # noqa: E402
 from svdpress.allocate.lems import LemsConfig, tail_fraction  # noqa: E402
 from svdpress.allocate.sensitivity import layer_sensitivity, probe_config  # noqa: E402
 from svdpress.config import resolve_device  # noqa: E402
-from svdpress.cli import names_in  # noqa: E402
+from svdpress.cli import names_in, results_file  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                    help="the matrix's probe files to read (not written)")
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lems_surrogate.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "lems_surrogate.json"))
     p.add_argument("--energy-only", action="store_true",
                    help="only the spectra's head energy (no probes: a minute per factorizer)")
     p.add_argument("--no-progress", action="store_true")

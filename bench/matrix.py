@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
 from svdpress.allocate.sensitivity import export_measurements, import_measurements  # noqa: E402
-from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list, results_file  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=positive_int, default=8192, help="evaluation tokens per text")
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "bench" / "results" / "stats-cache"))
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "matrix.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "matrix.json"))
     p.add_argument("--probes", default="", help="where sensitivity measurements are kept (default: --out's "
                    "directory/matrix-probes); bench/reference/matrix-probes is read too")
     p.add_argument("--no-progress", action="store_true")

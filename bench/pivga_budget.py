@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import names_in, parse_method_opts, ratio_list  # noqa: E402
+from svdpress.cli import names_in, parse_method_opts, ratio_list, results_file  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=names_in(ALLOCATORS, "allocator"), default="uniform,lems",
                    help="comma list of allocation methods")
     p.add_argument("--ratios", type=ratio_list, default="0.8,0.6", help="nominal ratios R of the classical allocation")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "pivga_budget.json"))
+    p.add_argument("--out", type=results_file, default=str(ROOT / "bench" / "results" / "pivga_budget.json"))
     p.add_argument("--build", choices=("pivga", "svd"), default="pivga",
                    help="build gauge-fixed (and count the modules) or as LowRankLinear (same outputs; counted)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the missing ones")

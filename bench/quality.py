@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from svdpress.allocate import AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import names_in, positive_int, ratio_list, seed  # noqa: E402
+from svdpress.cli import names_in, positive_int, ratio_list, results_file, seed  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples, check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -60,7 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--stats-cache", default=str(ROOT / "results" / "stats-cache"))
-    p.add_argument("--json", type=Path, default=ROOT / "results" / "quality.json")
+    p.add_argument("--json", type=results_file, default=ROOT / "results" / "quality.json")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

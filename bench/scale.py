@@ -49,7 +49,8 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, method_pair, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
+from svdpress.cli import (kept_ratio, method_pair, positive_int, positive_number, results_file,  # noqa: E402
+                          terminate_as_interrupt)
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
@@ -925,7 +926,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--methods", default="svd-llm+uniform,kfac+uniform,svd-llm+fermigrad",
                    help="comma list of FACTORIZE+ALLOCATE (kfac+lems too, on a GPU)")
     p.add_argument("--models-dir", type=Path, default=Path("/tmp/svdpress-scale"))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    p.add_argument("--out", type=results_file, default=ROOT / "bench" / "results" / "scale.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--offload", default="disk")
@@ -960,7 +961,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "4, ... N processes (gloo on CPU, nccl on GPUs); wall seconds per stage -> --nproc-out")
     p.add_argument("--calib-batch-size", type=positive_int, default=None,
                    help="--nproc: calibration batch (default calib-samples / N, so that every process has one)")
-    p.add_argument("--nproc-out", type=Path, default=ROOT / "bench" / "results" / "scale_nproc.json")
+    p.add_argument("--nproc-out", type=results_file, default=ROOT / "bench" / "results" / "scale_nproc.json")
     p.add_argument("--nproc-work", type=Path, default=Path("/tmp/svdpress-nproc"),
                    help="where the --nproc runs write their outputs (removed after each run)")
     a = p.parse_args(argv)

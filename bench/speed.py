@@ -42,7 +42,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from svdpress.cli import count_list, count_or_zero, positive_int, ratio_list, shape_list  # noqa: E402
+from svdpress.cli import count_list, count_or_zero, positive_int, ratio_list, results_file, shape_list  # noqa: E402
 from svdpress.config import resolve_device, torch_dtype  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import write_json  # noqa: E402
@@ -299,7 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="float32 | float16/fp16 | bfloat16/bf16 (default: bf16 on GPU)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default="bench/results/speed.json")
+    p.add_argument("--json", type=results_file, default="bench/results/speed.json")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.shape:

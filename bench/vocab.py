@@ -53,7 +53,8 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, positive_int, positive_number, terminate_as_interrupt  # noqa: E402
+from svdpress.cli import (kept_ratio, positive_int, positive_number, results_file,  # noqa: E402
+                          terminate_as_interrupt)
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import read_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
@@ -504,7 +505,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--offload", choices=("none", "cpu", "disk"), default=None,
                    help="a placement other than the default (auto); recorded in the run's name")
     p.add_argument("--models-dir", type=Path, default=Path("/tmp/svdpress-vocab"))
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=results_file, default=RESULTS)
     p.add_argument("--kill-above", type=positive_number, default=14.0, help="GiB of RSS at which a run is stopped")
     p.add_argument("--no-probe-profile", action="store_true")
     p.add_argument("--probe-profile-only", action="store_true")

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from svdpress.cli import csv, seed
+from svdpress.cli import csv, results_file, seed
 from svdpress.config import CompressConfig, EvalConfig, resolve_device
 from svdpress.errors import SvdpressError
 from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is much "
                                                             "faster on a crowded CPU")
-    p.add_argument("--out", type=Path, default=Path("bench/results/zeroshot.json"))
+    p.add_argument("--out", type=results_file, default=Path("bench/results/zeroshot.json"))
     return p.parse_args()
 
 

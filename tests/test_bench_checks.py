@@ -395,3 +395,22 @@ def test_heal_bench_measures_a_damaged_zero_shot_cache_again(tmp_path, monkeypat
     a.task_limit = 40  # another limit: measured again
     h.tasks_before(a, str(tmp_path), "cpu")
     assert len(calls) == 2
+
+
+def test_every_bench_refuses_a_directory_as_its_results_file(tmp_path, capsys, monkeypatch):
+    """--out /tmp (a directory) used to load the model, measure a cell, and die in a traceback at the first save.
+    Every bench's results flag is typed (cli.results_file): exit 2 at parse time, naming the flag."""
+    import pytest
+
+    flags = {"allocation": "--out", "architectures": "--out", "calibration_data": "--out", "heal": "--out",
+             "lems_surrogate": "--out", "matrix": "--out", "pivga_budget": "--out", "quality": "--json",
+             "scale": "--out", "speed": "--json", "vocab": "--out", "zeroshot": "--out"}
+    for name, flag in [*flags.items(), ("scale", "--nproc-out")]:
+        mod = _bench(name)
+        parse = getattr(mod, "parse_args", None) or getattr(mod, "parse", None) or mod.main
+        argv = [flag, str(tmp_path)]
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])  # zeroshot parses sys.argv
+        with pytest.raises(SystemExit) as e:
+            parse() if name == "zeroshot" else parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{flag}: a file path, not a directory" in err, (name, err)

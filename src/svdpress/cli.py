@@ -107,6 +107,12 @@ def count_or_zero(s: str) -> int:
     return _checked(s, int, lambda n: n >= 0, "an integer ≥ 0")
 
 
+def results_file(s: str) -> Path:
+    """argparse type of a bench's results file (--out, --json): refused when a directory is in the way, at parse
+    time, rather than at the first save after minutes or hours of measurement."""
+    return _checked(s, Path, lambda p: not p.is_dir(), "a file path, not a directory")
+
+
 def count_list(s: str) -> list[int]:
     """argparse type of a comma list of counts ≥ 1 (e.g. --decode-batches 1,16); empty: none."""
     return [positive_int(x) for x in csv(s)]
