@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate, check_options  # noqa: E402
-from svdpress.cli import names_in, parse_method_opts, positive_int, ratio_list, results_file  # noqa: E402
+from svdpress.cli import bench_main, names_in, parse_method_opts, positive_int, ratio_list, results_file  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -172,4 +172,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

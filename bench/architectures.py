@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 import svdpress  # noqa: E402
-from svdpress.cli import kept_ratio, method_pair, results_file  # noqa: E402
+from svdpress.cli import bench_main, kept_ratio, method_pair, results_file  # noqa: E402
 from svdpress.config import CompressConfig  # noqa: E402
 from svdpress.export import write_json  # noqa: E402
 from svdpress.table import table  # noqa: E402
@@ -177,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

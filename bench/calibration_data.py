@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import kept_ratio, parse_method_opts, positive_int, results_file  # noqa: E402
+from svdpress.cli import bench_main, kept_ratio, parse_method_opts, positive_int, results_file  # noqa: E402
 from svdpress.config import CompressConfig, EvalConfig, resolve_device  # noqa: E402
 from svdpress.data.text import check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -259,4 +259,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

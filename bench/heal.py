@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import svdpress  # noqa: E402
 from svdpress.allocate import ALLOCATORS  # noqa: E402
-from svdpress.cli import (csv, names_in, parse_method_opts, parse_opts, positive_int, positive_number,  # noqa: E402
-                          ratio_list, results_file)
+from svdpress.cli import (bench_main, csv, names_in, parse_method_opts, parse_opts, positive_int,  # noqa: E402
+                          positive_number, ratio_list, results_file)
 from svdpress.config import CompressConfig, EvalConfig, HealConfig, resolve_device  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.evaluate.perplexity import text_perplexity  # noqa: E402
@@ -320,4 +320,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

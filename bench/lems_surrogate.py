@@ -42,7 +42,7 @@ from svdpress.allocate.common import rank_at  # noqa: E402
 from svdpress.allocate.lems import LemsConfig, tail_fraction  # noqa: E402
 from svdpress.allocate.sensitivity import layer_sensitivity, probe_config  # noqa: E402
 from svdpress.config import resolve_device  # noqa: E402
-from svdpress.cli import names_in, results_file  # noqa: E402
+from svdpress.cli import bench_main, names_in, results_file  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.factorize import FACTORIZERS  # noqa: E402
@@ -139,4 +139,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

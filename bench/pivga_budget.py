@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from svdpress.allocate import ALLOCATORS, AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import names_in, parse_method_opts, ratio_list, results_file  # noqa: E402
+from svdpress.cli import bench_main, names_in, parse_method_opts, ratio_list, results_file  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -189,4 +189,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 from svdpress.allocate import AllocationProblem, allocate  # noqa: E402
-from svdpress.cli import names_in, positive_int, ratio_list, results_file, seed  # noqa: E402
+from svdpress.cli import bench_main, names_in, positive_int, ratio_list, results_file, seed  # noqa: E402
 from svdpress.config import EvalConfig, resolve_device  # noqa: E402
 from svdpress.data import calibration_samples, check_sources  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
@@ -181,4 +181,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

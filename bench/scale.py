@@ -49,8 +49,8 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from svdpress.cli import (kept_ratio, method_pair, positive_int, positive_number, results_file,  # noqa: E402
-                          terminate_as_interrupt)
+from svdpress.cli import (bench_main, kept_ratio, method_pair, positive_int, positive_number,  # noqa: E402
+                          results_file, terminate_as_interrupt)
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import read_json, write_json  # noqa: E402
 from svdpress.memory import proc_status  # noqa: E402
@@ -1102,7 +1102,7 @@ def run_bench(main) -> None:
     """The entry of a bench that runs measured children: Ctrl-C or SIGTERM stops the running child (its process
     group), runs already finished are in the JSON, and the user gets one line rather than a traceback."""
     try:
-        sys.exit(main())
+        bench_main(main)
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted ({e or 'Ctrl-C'}): the run in progress was stopped; finished runs are in the JSON")
 

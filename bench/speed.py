@@ -42,7 +42,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from svdpress.cli import count_list, count_or_zero, positive_int, ratio_list, results_file, shape_list  # noqa: E402
+from svdpress.cli import (bench_main, count_list, count_or_zero, positive_int,  # noqa: E402
+                          ratio_list, results_file, shape_list)
 from svdpress.config import resolve_device, torch_dtype  # noqa: E402
 from svdpress.errors import SvdpressError  # noqa: E402
 from svdpress.export import write_json  # noqa: E402
@@ -398,4 +399,4 @@ def render(doc: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(main)

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from svdpress.cli import csv, results_file, seed
+from svdpress.cli import bench_main, csv, results_file, seed
 from svdpress.config import CompressConfig, EvalConfig, resolve_device
 from svdpress.errors import SvdpressError
 from svdpress.evaluate.zeroshot import PAPER_TASKS, average_acc
@@ -115,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(main)

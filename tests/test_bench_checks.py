@@ -414,3 +414,26 @@ def test_every_bench_refuses_a_directory_as_its_results_file(tmp_path, capsys, m
             parse() if name == "zeroshot" else parse(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{flag}: a file path, not a directory" in err, (name, err)
+    (tmp_path / "a-file").write_text("")
+    for path in (tmp_path / "a-file" / "r.json", tmp_path / "a-file" / "sub" / "r.json"):  # a folder can't be made
+        with pytest.raises(SystemExit) as e:
+            _bench("matrix").parse_args(["--out", str(path)])
+        assert e.value.code == 2 and "in a folder that can be written" in capsys.readouterr().err, path
+    assert _bench("matrix").parse_args(["--out", str(tmp_path / "new" / "m.json")]).out == tmp_path / "new" / "m.json"
+
+
+def test_a_bench_ends_a_user_error_found_after_parsing_with_one_line(capsys, monkeypatch):
+    """--device cuda on a machine without CUDA is found after parsing: one line and exit 2, not a traceback."""
+    import pytest
+
+    from svdpress.cli import bench_main
+    from svdpress.errors import SvdpressError
+
+    def main():
+        raise SvdpressError("device 'cuda' requested but CUDA is not available")
+
+    monkeypatch.setattr(sys, "argv", ["matrix.py"])
+    with pytest.raises(SystemExit) as e:
+        bench_main(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "matrix.py: error: device 'cuda' requested but CUDA is not available\n"

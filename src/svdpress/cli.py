@@ -108,9 +108,20 @@ def count_or_zero(s: str) -> int:
 
 
 def results_file(s: str) -> Path:
-    """argparse type of a bench's results file (--out, --json): refused when a directory is in the way, at parse
-    time, rather than at the first save after minutes or hours of measurement."""
-    return _checked(s, Path, lambda p: not p.is_dir(), "a file path, not a directory")
+    """argparse type of a bench's results file (--out, --json): refused at parse time, rather than at the first save
+    after minutes or hours of measurement, when a directory is in the way or its folder cannot be made (the nearest
+    existing ancestor is not a writable directory)."""
+    import os
+
+    def writable(p: Path) -> bool:
+        if p.is_dir():
+            return False
+        up = p.absolute().parent
+        while not up.exists():
+            up = up.parent
+        return up.is_dir() and os.access(up, os.W_OK)
+
+    return _checked(s, Path, writable, "a file path, not a directory, in a folder that can be written")
 
 
 def count_list(s: str) -> list[int]:
@@ -655,6 +666,16 @@ def terminate_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (e.g. called from a test runner's worker)
         pass
+
+
+def bench_main(main: Callable[[], Optional[int]]) -> None:
+    """Every bench's entry: a SvdpressError found after argument parsing (no CUDA for --device cuda, a results file
+    of another protocol) ends it with one line and exit 2, as `svdpress` does, never a traceback."""
+    try:
+        sys.exit(main())
+    except SvdpressError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
